@@ -1,0 +1,51 @@
+//! terok-admin: setup, uninstall and the operator's verbs (shield, and more to come).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use terok::logging::{self, Fallback};
+use terok::{Context, setup, shield};
+
+#[derive(Parser)]
+#[command(
+    name = "terok-admin",
+    version,
+    about = "Administer terok: hooks, shield, vault, keys"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install terok's OCI hooks where this user's podman reads them (idempotent)
+    Setup(setup::SetupArgs),
+    /// Remove terok's OCI hooks and their registration
+    Uninstall(setup::UninstallArgs),
+    /// Inspect and change containers' egress firewalls
+    #[command(subcommand)]
+    Shield(shield::ShieldCommand),
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let ctx = Context::load()?;
+    match cli.command {
+        Command::Setup(args) => setup::setup(&ctx, &args)?,
+        Command::Uninstall(args) => setup::uninstall(&ctx, &args)?,
+        Command::Shield(cmd) => shield::run(&ctx, cmd)?,
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init("terok-admin", "warn", false, Fallback::Stderr);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("terok-admin: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

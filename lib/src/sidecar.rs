@@ -1,0 +1,194 @@
+//! The per-container sidecar: everything the hook and the supervisor need to know about a
+//! container, written by `prepare` (0600, atomically, never through a symlink) and kept
+//! across stop/start until `cleanup`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::{fsutil, names};
+
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum SidecarError {
+    #[error("sidecar path {0} is not acceptable: {1}")]
+    Path(PathBuf, &'static str),
+    #[error("cannot read sidecar {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "sidecar {path} is corrupt ({detail}); run `terok-run cleanup` and prepare the container again"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("cannot write sidecar {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the shield of this container starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShieldPlan {
+    /// Profiles chosen at prepare time (for display).
+    pub profiles: Vec<String>,
+    /// Their entries resolved to networks at prepare time.
+    pub allow: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sidecar {
+    pub version: u32,
+    pub container_name: String,
+    pub scope: Option<String>,
+    /// Persistent per-container state (shield decisions).
+    pub run_state_dir: PathBuf,
+    /// Volatile per-container runtime directory (sockets), removed at poststop.
+    pub runtime_dir: PathBuf,
+    /// `None` when the container runs with `--no-shield`.
+    pub shield: Option<ShieldPlan>,
+    pub gate: bool,
+    pub broker: bool,
+}
+
+impl Sidecar {
+    fn validate(&self, path: &Path) -> Result<(), SidecarError> {
+        let corrupt = |detail: String| SidecarError::Corrupt {
+            path: path.to_owned(),
+            detail,
+        };
+        if self.version != VERSION {
+            return Err(corrupt(format!("unknown version {}", self.version)));
+        }
+        names::container(&self.container_name).map_err(|e| corrupt(e.to_string()))?;
+        if path.file_stem().and_then(|s| s.to_str()) != Some(self.container_name.as_str()) {
+            return Err(corrupt(
+                "container_name does not match the file name".into(),
+            ));
+        }
+        if let Some(scope) = &self.scope {
+            names::scope(scope).map_err(|e| corrupt(e.to_string()))?;
+        }
+        for p in [&self.run_state_dir, &self.runtime_dir] {
+            if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
+                return Err(corrupt(format!(
+                    "{} is not a clean absolute path",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Read and validate a sidecar we wrote.
+    pub fn load(path: &Path) -> Result<Self, SidecarError> {
+        let bytes = std::fs::read(path).map_err(|source| SidecarError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let sidecar: Sidecar =
+            serde_json::from_slice(&bytes).map_err(|e| SidecarError::Corrupt {
+                path: path.to_owned(),
+                detail: e.to_string(),
+            })?;
+        sidecar.validate(path)?;
+        Ok(sidecar)
+    }
+
+    /// Load the sidecar an annotation points at, with the checks a hook owes to a path that
+    /// came through podman: absolute, no `..`, in a directory named `sidecar`, a regular file
+    /// (not a symlink) owned by us and writable by nobody else.
+    pub fn load_from_annotation(path: &Path) -> Result<Self, SidecarError> {
+        let bad = |why| Err(SidecarError::Path(path.to_owned(), why));
+        if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+            return bad("not a clean absolute path");
+        }
+        if path.parent().and_then(Path::file_name) != Some("sidecar".as_ref()) {
+            return bad("not inside a `sidecar` directory");
+        }
+        let meta = std::fs::symlink_metadata(path).map_err(|source| SidecarError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !meta.file_type().is_file() {
+            return bad("not a regular file");
+        }
+        if meta.uid() != nix::unistd::geteuid().as_raw() {
+            return bad("not owned by the user running the hook");
+        }
+        if meta.mode() & 0o022 != 0 {
+            return bad("writable by group or others");
+        }
+        Self::load(path)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), SidecarError> {
+        let write_err = |source| SidecarError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            fsutil::ensure_private_dir(dir, true).map_err(write_err)?;
+        }
+        let mut text = serde_json::to_vec_pretty(self).expect("sidecar serialises");
+        text.push(b'\n');
+        fsutil::write_atomic(path, &text, 0o600).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> Sidecar {
+        Sidecar {
+            version: VERSION,
+            container_name: "c1".into(),
+            scope: Some("proj".into()),
+            run_state_dir: dir.join("runs/c1"),
+            runtime_dir: dir.join("run/c1"),
+            shield: Some(ShieldPlan {
+                profiles: vec!["p".into()],
+                allow: vec!["10.0.0.1/32".parse().unwrap()],
+            }),
+            gate: true,
+            broker: false,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_annotation_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecar/c1.json");
+        let s = sample(dir.path());
+        s.save(&path).unwrap();
+        assert_eq!(Sidecar::load_from_annotation(&path).unwrap(), s);
+
+        let elsewhere = dir.path().join("c1.json");
+        std::fs::copy(&path, &elsewhere).unwrap();
+        assert!(Sidecar::load_from_annotation(&elsewhere).is_err());
+
+        let renamed = dir.path().join("sidecar/c2.json");
+        std::fs::copy(&path, &renamed).unwrap();
+        assert!(
+            Sidecar::load(&renamed)
+                .unwrap_err()
+                .to_string()
+                .contains("file name")
+        );
+
+        std::fs::write(&path, b"{\"version\":1}").unwrap();
+        assert!(matches!(
+            Sidecar::load(&path),
+            Err(SidecarError::Corrupt { .. })
+        ));
+    }
+}
