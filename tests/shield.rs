@@ -1,1 +1,488 @@
-//! placeholder
+//! End-to-end tests of the shield with real podman containers, real nft rulesets read back
+//! from the kernel and test hosts in network namespaces of our own.
+
+use std::net::IpAddr;
+
+use serde_json::Value;
+use terok_e2e::*;
+
+const PORT: u16 = 8080;
+
+/// Acceptance 1 (IPv4): allowlisted test host reachable, the other refused with ICMP
+/// admin-prohibited (not a timeout).
+#[test]
+fn allowlisted_host_reachable_other_refused_ipv4() {
+    let _serial = serial();
+    let env = Env::new();
+    let host = TestHost::new(&env.id);
+    let _a = host.serve(host.v4[0], PORT);
+    let _b = host.serve(host.v4[1], PORT);
+    env.write_profile("t", &[&host.v4[0].to_string()]);
+    let name = env.name("v4");
+    let script = format!(
+        "nc -vz -w 5 {a} {PORT} 2>&1; echo rc=$?; nc -vz -w 5 {b} {PORT} 2>&1; echo rc=$?",
+        a = host.v4[0],
+        b = host.v4[1]
+    );
+    let out = run(env.terok_run().args([
+        "run",
+        &name,
+        "--profiles",
+        "t",
+        "--",
+        "--rm",
+        IMAGE,
+        "sh",
+        "-c",
+        &script,
+    ]));
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.contains(&"rc=0"),
+        "allowed host not reachable: {text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "connect to {} port {PORT} (tcp) failed: No route to host",
+            host.v4[1]
+        )),
+        "{text}"
+    );
+    assert_eq!(text.matches("rc=1").count(), 1, "{text}");
+}
+
+/// Acceptance 1 (IPv6), on a dual-stack podman network of the test's own.
+#[test]
+fn allowlisted_host_reachable_other_refused_ipv6() {
+    let _serial = serial();
+    let env = Env::new();
+    let host = TestHost::new(&env.id);
+    let _a = host.serve(host.v6[0], PORT);
+    let _b = host.serve(host.v6[1], PORT);
+    let n = u32::from_str_radix(&env.id[env.id.len() - 4..], 16).unwrap();
+    let net = env.dual_stack_network(
+        &format!("10.{}.{}.0/24", 150 + (n >> 8) % 40, n & 0xff),
+        &format!("fd7f:{:x}::/64", n),
+    );
+    env.write_profile("t6", &[&format!("{}/128", host.v6[0])]);
+    let name = env.start_sleeper("v6", "t6", &["--network", &net]);
+    assert_eq!(
+        connect_from(&env, &name, host.v6[0], PORT),
+        Connect::Connected
+    );
+    assert_eq!(
+        connect_from(&env, &name, host.v6[1], PORT),
+        Connect::Prohibited
+    );
+    // IPv4 to the same test host stays closed: the allowlist is per address.
+    assert_eq!(
+        connect_from(&env, &name, host.v4[0], PORT),
+        Connect::Prohibited
+    );
+}
+
+fn rules_of<'a>(ruleset: &'a Value, chain: &str) -> Vec<&'a Value> {
+    ruleset["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .filter(|r| r["chain"] == chain && r["table"] == "terok_shield")
+        .collect()
+}
+
+fn position(rules: &[&Value], needle: &str) -> usize {
+    rules
+        .iter()
+        .position(|r| r["expr"].to_string().contains(needle))
+        .unwrap_or_else(|| panic!("no rule contains {needle}"))
+}
+
+/// Acceptance 2: the ruleset read back from the container's netns is DESIGN's; the host
+/// netns ruleset is unchanged by starting and stopping the container.
+#[test]
+fn ruleset_matches_design_and_host_is_untouched() {
+    let _serial = serial();
+    let env = Env::new();
+    env.write_profile("t", &["192.0.2.10", "198.51.100.0/24", "2001:db8::/48"]);
+    let before = host_ruleset();
+    let name = env.start_sleeper("rules", "t", &[]);
+    run_ok(env.admin().args(["shield", "deny", &name, "203.0.113.9"]));
+    let during = host_ruleset();
+    assert!(
+        !during.contains("terok_shield"),
+        "terok table in the host netns:\n{during}"
+    );
+    let rs = env.container_ruleset(&name);
+    let objects = rs["nftables"].as_array().unwrap();
+    let tables: Vec<&Value> = objects.iter().filter_map(|o| o.get("table")).collect();
+    assert_eq!(
+        tables.len(),
+        1,
+        "only our table lives in the container netns"
+    );
+    assert_eq!(tables[0]["family"], "inet");
+    assert_eq!(tables[0]["name"], "terok_shield");
+    for (chain, hook) in [("output", "output"), ("input", "input")] {
+        let c = objects
+            .iter()
+            .filter_map(|o| o.get("chain"))
+            .find(|c| c["name"] == chain)
+            .unwrap();
+        assert_eq!(
+            (c["hook"].as_str(), c["policy"].as_str(), c["type"].as_str()),
+            (Some(hook), Some("drop"), Some("filter"))
+        );
+    }
+    let set = |name: &str| {
+        objects
+            .iter()
+            .filter_map(|o| o.get("set"))
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    for (name, ty) in [
+        ("allow_v4", "ipv4_addr"),
+        ("allow_v6", "ipv6_addr"),
+        ("deny_v4", "ipv4_addr"),
+        ("deny_v6", "ipv6_addr"),
+    ] {
+        let s = set(name);
+        assert_eq!(s["type"], ty);
+        assert!(
+            s["flags"].to_string().contains("interval"),
+            "{name} not an interval set"
+        );
+    }
+    let allow4 = set("allow_v4")["elem"].to_string();
+    assert!(
+        allow4.contains("192.0.2.10") && allow4.contains("198.51.100.0"),
+        "{allow4}"
+    );
+    assert!(set("allow_v6")["elem"].to_string().contains("2001:db8::"));
+    assert!(set("deny_v4")["elem"].to_string().contains("203.0.113.9"));
+
+    let out = rules_of(&rs, "output");
+    assert!(
+        out[0]["expr"].to_string().contains("\"lo\""),
+        "loopback first"
+    );
+    let deny = position(&out, "@deny_v4");
+    let est = position(&out, "established");
+    let allow = position(&out, "@allow_v4");
+    let private = position(&out, "10.0.0.0");
+    assert!(
+        deny < est && est < allow && allow < private,
+        "order deny < established < allow < private"
+    );
+    assert!(position(&out, "@deny_v6") < allow && position(&out, "@allow_v6") < private);
+    for range in [
+        "172.16.0.0",
+        "192.168.0.0",
+        "169.254.0.0",
+        "fc00::",
+        "fe80::",
+    ] {
+        assert!(
+            position(&out, range) > allow,
+            "{range} after the allow sets"
+        );
+    }
+    assert!(
+        position(&out, "nd-neighbor-solicit") < private,
+        "IPv6 neighbour discovery allowed"
+    );
+    let last = out.last().unwrap()["expr"].to_string();
+    assert!(
+        last.contains("admin-prohibited") && last.contains("icmpx"),
+        "terminal reject: {last}"
+    );
+    assert!(
+        last.contains("TEROK_SHIELD_BLOCKED") && last.contains("\"group\":100"),
+        "terminal NFLOG: {last}"
+    );
+    let input = rules_of(&rs, "input");
+    assert!(input[0]["expr"].to_string().contains("\"lo\""));
+    assert!(input[1]["expr"].to_string().contains("established"));
+    assert!(input.last().unwrap()["expr"].to_string().contains("drop"));
+
+    // `shield rules` shows the same live table.
+    let text = run_ok(env.admin().args(["shield", "rules", &name]));
+    assert!(
+        text.contains("table inet terok_shield")
+            && text.contains("reject with icmpx admin-prohibited"),
+        "{text}"
+    );
+
+    run_ok(env.podman().args(["rm", "-f", "-t", "0", &name]));
+    assert_eq!(
+        before,
+        host_ruleset(),
+        "host ruleset changed by starting and stopping the container"
+    );
+}
+
+/// Acceptance 3: with nft unavailable to the hook the container does not start, and the
+/// reason is named.
+#[test]
+fn fails_closed_without_nft() {
+    let _serial = serial();
+    let env = Env::with_nft("/nonexistent/nft");
+    env.write_profile("t", &["192.0.2.10"]);
+    let marker = env.path("marker");
+    std::fs::create_dir_all(&marker).unwrap();
+    let name = env.name("nonft");
+    let mount = format!("{}:/m", marker.display());
+    let out = run(env.terok_run().args([
+        "run",
+        &name,
+        "--profiles",
+        "t",
+        "--",
+        "--rm",
+        "-v",
+        &mount,
+        IMAGE,
+        "touch",
+        "/m/ran",
+    ]));
+    assert_ne!(out.status.code(), Some(0));
+    let err = stderr(&out);
+    assert!(
+        err.contains("nft not found at /nonexistent/nft"),
+        "reason not named: {err}"
+    );
+    assert!(!marker.join("ran").exists(), "the container's command ran");
+
+    // Plain `podman run $(terok-run prepare …)`: podman's own error points at the reason.
+    let flags: Vec<String> = serde_json::from_str(&run_ok(env.terok_run().args([
+        "prepare",
+        &name,
+        "--profiles",
+        "t",
+        "--json",
+    ])))
+    .unwrap();
+    let out = run(env
+        .podman()
+        .arg("run")
+        .arg("--rm")
+        .args(&flags)
+        .args(["-v", &mount, IMAGE, "touch", "/m/ran"]));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("terok-hook precreate") && err.contains("hook.log"),
+        "{err}"
+    );
+    assert!(!marker.join("ran").exists());
+    let log = std::fs::read_to_string(env.state_dir().join("logs/hook.log")).unwrap();
+    assert!(log.contains("nft not found at /nonexistent/nft"), "{log}");
+}
+
+/// Acceptance 3: a corrupt sidecar keeps the container from starting.
+#[test]
+fn fails_closed_with_corrupt_sidecar() {
+    let _serial = serial();
+    let env = Env::new();
+    env.write_profile("t", &["192.0.2.10"]);
+    let name = env.name("corrupt");
+    let flags: Vec<String> = serde_json::from_str(&run_ok(env.terok_run().args([
+        "prepare",
+        &name,
+        "--profiles",
+        "t",
+        "--json",
+    ])))
+    .unwrap();
+    let sidecar = env.state_dir().join(format!("sidecar/{name}.json"));
+    std::fs::write(&sidecar, b"{\"version\": 1, \"container_name\": ").unwrap();
+    let out = run(env
+        .podman()
+        .arg("run")
+        .arg("--rm")
+        .args(&flags)
+        .args([IMAGE, "true"]));
+    assert!(
+        !out.status.success(),
+        "container started with a corrupt sidecar"
+    );
+    let reason =
+        std::fs::read_to_string(env.state_dir().join(format!("logs/{name}.hook-error"))).unwrap();
+    assert!(reason.contains("corrupt"), "{reason}");
+}
+
+/// Acceptance 4: live allow and deny, without a restart, and both survive stop + start.
+#[test]
+fn live_allow_and_deny_survive_restart() {
+    let _serial = serial();
+    let env = Env::new();
+    let host = TestHost::new(&env.id);
+    let _a = host.serve(host.v4[0], PORT);
+    let _b = host.serve(host.v4[1], PORT);
+    env.write_profile("t", &[&host.v4[0].to_string()]);
+    let name = env.start_sleeper("live", "t", &[]);
+    let blocked = host.v4[1];
+    assert_eq!(
+        connect_from(&env, &name, blocked, PORT),
+        Connect::Prohibited
+    );
+
+    let out = run_ok(
+        env.admin()
+            .args(["shield", "allow", &name, &blocked.to_string()]),
+    );
+    assert!(out.contains("Allowed"), "{out}");
+    assert_eq!(connect_from(&env, &name, blocked, PORT), Connect::Connected);
+    restart(&env, &name);
+    assert_eq!(
+        connect_from(&env, &name, blocked, PORT),
+        Connect::Connected,
+        "allow lost on restart"
+    );
+
+    run_ok(
+        env.admin()
+            .args(["shield", "deny", &name, &blocked.to_string()]),
+    );
+    assert_eq!(
+        connect_from(&env, &name, blocked, PORT),
+        Connect::Prohibited
+    );
+    // A deny also beats the profile's allowlist.
+    run_ok(
+        env.admin()
+            .args(["shield", "deny", &name, &host.v4[0].to_string()]),
+    );
+    assert_eq!(
+        connect_from(&env, &name, host.v4[0], PORT),
+        Connect::Prohibited
+    );
+    restart(&env, &name);
+    assert_eq!(
+        connect_from(&env, &name, blocked, PORT),
+        Connect::Prohibited,
+        "deny lost on restart"
+    );
+    assert_eq!(
+        connect_from(&env, &name, host.v4[0], PORT),
+        Connect::Prohibited
+    );
+
+    let status: Value = serde_json::from_str(&run_ok(
+        env.admin().args(["shield", "status", &name, "--json"]),
+    ))
+    .unwrap();
+    assert_eq!(status["state"], "up");
+    assert!(status["deny"].to_string().contains(&blocked.to_string()));
+}
+
+fn restart(env: &Env, name: &str) {
+    run_ok(env.podman().args(["stop", "-t", "0", name]));
+    run_ok(env.podman().args(["start", name]));
+}
+
+/// Acceptance 5: a container without our annotation is untouched by our hooks.
+#[test]
+fn unannotated_container_is_untouched() {
+    let _serial = serial();
+    let env = Env::new();
+    let host = TestHost::new(&env.id);
+    let _b = host.serve(host.v4[1], PORT);
+    let name = env.name("plain");
+    run_ok(
+        env.podman()
+            .args(["run", "-d", "--name", &name, IMAGE, "sleep", "infinity"]),
+    );
+    let rs = env.container_ruleset(&name);
+    assert_eq!(
+        rs["nftables"].as_array().unwrap().len(),
+        1,
+        "only metainfo expected: {rs}"
+    );
+    assert_eq!(
+        connect_from(&env, &name, host.v4[1], PORT),
+        Connect::Connected
+    );
+    run_ok(env.podman().args(["rm", "-f", "-t", "0", &name]));
+    assert!(
+        !env.state_dir().join("logs/hook.log").exists(),
+        "the hook ran for a foreign container"
+    );
+}
+
+/// `--network host` with the shield on is refused before anything is written; a config
+/// that sneaks a host-network container past terok-run is refused by the hook.
+#[test]
+fn host_network_is_refused() {
+    let _serial = serial();
+    let env = Env::new();
+    env.write_profile("t", &["192.0.2.10"]);
+    let name = env.name("hostnet");
+    let out = run(env.terok_run().args([
+        "run",
+        &name,
+        "--profiles",
+        "t",
+        "--",
+        "--network=host",
+        IMAGE,
+        "true",
+    ]));
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("--network host is refused"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !env.state_dir()
+            .join(format!("sidecar/{name}.json"))
+            .exists()
+    );
+
+    let flags: Vec<String> = serde_json::from_str(&run_ok(env.terok_run().args([
+        "prepare",
+        &name,
+        "--profiles",
+        "t",
+        "--json",
+    ])))
+    .unwrap();
+    let out = run(env.podman().arg("run").arg("--rm").args(&flags).args([
+        "--network",
+        "host",
+        IMAGE,
+        "true",
+    ]));
+    assert!(
+        !out.status.success(),
+        "host-network container started shielded-in-name-only"
+    );
+    let reason =
+        std::fs::read_to_string(env.state_dir().join(format!("logs/{name}.hook-error"))).unwrap();
+    assert!(reason.contains("network namespace"), "{reason}");
+}
+
+/// A resolver address the container may use is taken from its own resolv.conf; here: the
+/// DNS rule only opens port 53 of the resolvers podman gave the container.
+#[test]
+fn dns_is_open_only_to_the_containers_resolvers() {
+    let _serial = serial();
+    let env = Env::new();
+    let host = TestHost::new(&env.id);
+    let _dns = host.serve(host.v4[0], 53);
+    env.write_profile("t", &[]);
+    let name = env.name("dns");
+    let dns: IpAddr = host.v4[0];
+    let out = run(env.terok_run().args([
+        "run", &name, "--profiles", "t", "--", "--rm", "--dns", &dns.to_string(), IMAGE, "sh", "-c",
+        &format!("nc -vz -w 5 {dns} 53 2>&1; echo rc=$?; nc -vz -w 5 {dns} 54 2>&1; echo rc=$?; nc -vz -w 5 {} 53 2>&1; echo rc=$?", host.v4[1]),
+    ]));
+    let text = stdout(&out);
+    assert!(text.contains("rc=0"), "resolver unreachable on 53: {text}");
+    assert_eq!(text.matches("No route to host").count(), 2, "{text}");
+}

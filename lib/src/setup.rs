@@ -83,10 +83,15 @@ pub fn hook_binary() -> Result<PathBuf, SetupError> {
     }
 }
 
-/// Render a descriptor template with absolute paths.
-pub fn render_descriptor(template: &str, hook: &Path, nft: &Path) -> String {
+/// Render a descriptor template with absolute paths. podman shows a failed hook only as
+/// `executing [ARGS…]: exit status 1`, so the last argument tells the reader where the reason
+/// is (`terok-run run` prints it itself).
+pub fn render_descriptor(template: &str, hook: &Path, nft: &Path, log: &Path) -> String {
     let mut doc: Value = serde_json::from_str(template).expect("bundled descriptor is JSON");
     doc["hook"]["path"] = Value::String(hook.display().to_string());
+    if let Some(args) = doc["hook"]["args"].as_array_mut() {
+        args.push(Value::String(format!("(reason: {})", log.display())));
+    }
     doc["hook"]["env"] = serde_json::json!([format!("TEROK_NFT={}", nft.display())]);
     let mut text = serde_json::to_string_pretty(&doc).expect("descriptor serialises");
     text.push('\n');
@@ -211,7 +216,11 @@ pub fn setup(ctx: &Context, args: &SetupArgs) -> Result<(), SetupError> {
     std::fs::create_dir_all(&hooks_dir).map_err(io(format!("create {}", hooks_dir.display())))?;
     for (name, template) in DESCRIPTORS {
         let path = hooks_dir.join(name);
-        let state = write_if_changed(&path, &render_descriptor(template, &hook, nft), 0o644)?;
+        let state = write_if_changed(
+            &path,
+            &render_descriptor(template, &hook, nft, &ctx.paths.logs_dir().join("hook.log")),
+            0o644,
+        )?;
         println!("  {name:<22} {state} ({})", path.display());
     }
     if args.no_register {
@@ -291,6 +300,7 @@ mod tests {
             let doc: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(doc["hook"]["path"], "/opt/t/terok-hook");
             assert_eq!(doc["hook"]["env"][0], "TEROK_NFT=/usr/sbin/nft");
+            assert_eq!(doc["hook"]["args"][2], "(reason: /l/hook.log)");
             assert_eq!(
                 doc["when"]["annotations"]["^terok\\.sandbox\\.sidecar$"],
                 "^/.+"
