@@ -296,6 +296,7 @@ mod tests {
                 template,
                 Path::new("/opt/t/terok-hook"),
                 Path::new("/usr/sbin/nft"),
+                Path::new("/l/hook.log"),
             );
             let doc: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(doc["hook"]["path"], "/opt/t/terok-hook");
