@@ -195,9 +195,14 @@ fn live_netns(ctx: &Context, name: &str) -> Result<Option<Netns>, ShieldError> {
     }
 }
 
-/// Turn a command-line destination into networks, resolving a domain now.
-pub fn destination(dest: &str) -> Result<Vec<IpNet>, ShieldError> {
-    match profiles::parse_entry(dest).ok_or_else(|| ShieldError::BadDestination(dest.to_owned()))? {
+/// Parse a command-line destination (no lookup yet).
+pub fn parse_destination(dest: &str) -> Result<Entry, ShieldError> {
+    profiles::parse_entry(dest).ok_or_else(|| ShieldError::BadDestination(dest.to_owned()))
+}
+
+/// Turn a parsed destination into networks, resolving a domain now.
+pub fn destination_nets(entry: Entry) -> Result<Vec<IpNet>, ShieldError> {
+    match entry {
         Entry::Net(n) => Ok(vec![n]),
         Entry::Domain(d) => {
             let addrs = resolve::domain(&d);
@@ -214,8 +219,10 @@ fn nft(ctx: &Context) -> Nft {
 }
 
 fn decide(ctx: &Context, name: &str, dest: &str, allow: bool) -> Result<(), ShieldError> {
+    names::container(name)?;
+    let entry = parse_destination(dest)?;
     let target = load_target(ctx, name)?;
-    let nets = destination(dest)?;
+    let nets = destination_nets(entry)?;
     let path = paths::decisions_file(&target.sidecar.run_state_dir);
     let mut decisions = Decisions::load(&path)?;
     if allow {
