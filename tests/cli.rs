@@ -87,7 +87,7 @@ fn prepare_prints_flags_and_writes_a_private_sidecar() {
     let line = stdout(&iso.terok_run(&["prepare", "web", "--profiles", "t"]));
     let sidecar = iso.root().join("sandbox/sidecar/web.json");
     let expected = format!(
-        "--cap-drop 'NET_ADMIN,NET_RAW' --name web --annotation 'terok.sandbox.sidecar={}'\n",
+        "--cap-drop NET_ADMIN,NET_RAW --name web --annotation terok.sandbox.sidecar={}\n",
         sidecar.display()
     );
     assert_eq!(line, expected);

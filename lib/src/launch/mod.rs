@@ -181,14 +181,26 @@ pub fn prepare(ctx: &Context, args: &PrepareArgs) -> Result<(), LaunchError> {
             serde_json::to_string(&flags).expect("strings serialise")
         );
     } else {
-        let quoted =
-            shlex::try_join(flags.iter().map(String::as_str)).map_err(|e| LaunchError::Io {
-                what: "quote the flags".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let quoted = flags
+            .iter()
+            .map(|f| shell_quote(f))
+            .collect::<Vec<_>>()
+            .join(" ");
         println!("{quoted}");
     }
     Ok(())
+}
+
+/// Quote for a POSIX shell only when needed (Python's `shlex.quote` rules), so the usual
+/// `podman run $(terok-run prepare NAME) IMAGE` — which splits words but removes no quotes —
+/// gets the flags intact whenever they contain no unsafe characters.
+pub fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r#"'"'"'"#))
+    }
 }
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
@@ -341,5 +353,19 @@ pub fn dispatch(ctx: &Context, cmd: &LaunchCommand) -> Result<i32, LaunchError> 
         LaunchCommand::Prepare(a) => prepare(ctx, a).map(|()| 0),
         LaunchCommand::Run(a) => run(ctx, a),
         LaunchCommand::Cleanup(a) => cleanup(ctx, a).map(|()| 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn quotes_only_when_needed() {
+        assert_eq!(shell_quote("NET_ADMIN,NET_RAW"), "NET_ADMIN,NET_RAW");
+        assert_eq!(shell_quote("a=/b/c.json"), "a=/b/c.json");
+        assert_eq!(shell_quote("my container"), "'my container'");
+        assert_eq!(shell_quote("it's"), r#"'it'"'"'s'"#);
+        assert_eq!(shell_quote(""), "''");
     }
 }

@@ -53,6 +53,7 @@ impl Nft {
         match netns {
             Netns::Handle(file) => {
                 let mut cmd = Command::new(&self.program);
+                cmd.env_clear();
                 let fd = file.as_raw_fd();
                 // SAFETY: setns is async-signal-safe; the closure touches no allocator or lock.
                 unsafe {
@@ -66,9 +67,13 @@ impl Nft {
                 cmd
             }
             Netns::PodmanUnshare { podman, pid } => {
+                // podman needs the user's environment (HOME, XDG_RUNTIME_DIR) to find its
+                // user namespace; nsenter is named by path because PATH may be minimal.
+                let nsenter = crate::podman::which("nsenter")
+                    .unwrap_or_else(|| PathBuf::from("/usr/bin/nsenter"));
                 let mut cmd = Command::new(podman);
                 cmd.arg("unshare")
-                    .arg("nsenter")
+                    .arg(nsenter)
                     .arg(format!("--net=/proc/{pid}/ns/net"))
                     .arg("--")
                     .arg(&self.program);
@@ -86,7 +91,6 @@ impl Nft {
     ) -> Result<String, ShieldError> {
         let mut cmd = self.command(netns);
         cmd.args(args)
-            .env_clear()
             .stdin(if script.is_some() {
                 Stdio::piped()
             } else {
