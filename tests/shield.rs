@@ -486,3 +486,116 @@ fn dns_is_open_only_to_the_containers_resolvers() {
     assert!(text.contains("rc=0"), "resolver unreachable on 53: {text}");
     assert_eq!(text.matches("No route to host").count(), 2, "{text}");
 }
+
+/// Acceptance 7: profile domains are resolved when the container is prepared — here by a
+/// DNS server the test runs on loopback (dnsmasq), seen through a private mount namespace's
+/// resolv.conf — and only the chosen profiles' names are looked up.
+#[test]
+fn profile_domains_resolve_through_the_tests_own_dns_server() {
+    let _serial = serial();
+    let env = Env::new();
+    let host = TestHost::new(&env.id);
+    let _a = host.serve(host.v4[0], PORT);
+    let listen = "127.77.0.1";
+    let log = env.path("dnsmasq.log");
+    let mut dns = std::process::Command::new("/usr/sbin/dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--port=53",
+            "--log-queries",
+        ])
+        .arg(format!("--listen-address={listen}"))
+        .arg(format!("--log-facility={}", log.display()))
+        .arg(format!("--address=/allowed.terok.test/{}", host.v4[0]))
+        .arg("--address=/unused.terok.test/192.0.2.99")
+        .spawn()
+        .unwrap();
+    std::fs::write(env.path("resolv.conf"), format!("nameserver {listen}\n")).unwrap();
+    env.write_profile("named", &["allowed.terok.test", "missing.terok.test"]);
+    env.write_profile("other", &["unused.terok.test"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let name = env.name("named");
+    // terok-run in a mount namespace whose /etc/resolv.conf names only our server.
+    let mut cmd = env.terok_run();
+    cmd.arg("prepare").arg(&name).args(["--profiles", "named"]);
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+        env.path("resolv.conf").display()
+    );
+    let mut wrapped = std::process::Command::new("unshare");
+    wrapped.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]);
+    wrapped.arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            wrapped.env(k, v);
+        }
+    }
+    let out = run(&mut wrapped);
+    let _ = dns.kill();
+    let _ = dns.wait();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("missing.terok.test does not resolve"),
+        "{}",
+        stderr(&out)
+    );
+    let sidecar: Value = serde_json::from_slice(
+        &std::fs::read(env.state_dir().join(format!("sidecar/{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        sidecar["shield"]["allow"],
+        serde_json::json!([format!("{}/32", host.v4[0])])
+    );
+    let queries = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(queries.contains("allowed.terok.test"), "{queries}");
+    assert!(
+        !queries.contains("unused.terok.test"),
+        "a name of an unchosen profile was looked up"
+    );
+
+    // The container started from that state reaches the resolved test host.
+    let out = run(env
+        .podman()
+        .arg("run")
+        .arg("--rm")
+        .args(sidecar_flags(&env, &name))
+        .args([
+            IMAGE,
+            "nc",
+            "-vz",
+            "-w",
+            "5",
+            &host.v4[0].to_string(),
+            &PORT.to_string(),
+        ]));
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}
+
+/// The podman flags of an already prepared container (what prepare printed).
+fn sidecar_flags(env: &Env, name: &str) -> Vec<String> {
+    vec![
+        "--cap-drop".into(),
+        "NET_ADMIN,NET_RAW".into(),
+        "--name".into(),
+        name.to_owned(),
+        "--annotation".into(),
+        format!(
+            "terok.sandbox.sidecar={}",
+            env.state_dir()
+                .join(format!("sidecar/{name}.json"))
+                .display()
+        ),
+    ]
+}
