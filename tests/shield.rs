@@ -599,3 +599,56 @@ fn sidecar_flags(env: &Env, name: &str) -> Vec<String> {
         ),
     ]
 }
+
+/// The hook's apply path against a real kernel netns (no podman): applying twice replaces
+/// the table instead of duplicating rules, a live set update verifies, and a missing nft is
+/// named.
+#[test]
+fn nft_apply_is_idempotent_and_verified_in_a_real_netns() {
+    use terok::shield::nft::{Netns, Nft};
+    use terok::shield::ruleset::{Mode, RulesetSpec};
+    require_e2e();
+    let ns = format!("tk-nft-{}", unique());
+    run_ok(std::process::Command::new("ip").args(["netns", "add", &ns]));
+    let path = std::path::PathBuf::from(format!("/run/netns/{ns}"));
+    let result = std::panic::catch_unwind(|| {
+        let netns = Netns::open(&path).unwrap();
+        let nft = Nft::new("/usr/sbin/nft");
+        let mut spec = RulesetSpec {
+            mode: Mode::Up,
+            allow: vec![
+                "10.1.0.0/16".parse().unwrap(),
+                "10.1.2.3/32".parse().unwrap(),
+            ],
+            deny: vec![],
+            dns: vec!["10.0.2.3".parse().unwrap()],
+        };
+        nft.apply_fresh(&netns, &spec).unwrap();
+        nft.apply_fresh(&netns, &spec).unwrap();
+        let json = nft.list_table(&netns).unwrap().unwrap();
+        let rules = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o.get("rule").is_some())
+            .count();
+        assert_eq!(
+            rules,
+            terok::shield::ruleset::output_rules(&spec).len()
+                + terok::shield::ruleset::input_rules().len()
+        );
+        spec.deny.push("10.1.2.3/32".parse().unwrap());
+        nft.update_sets(&netns, &spec).unwrap();
+        spec.mode = Mode::Down;
+        nft.apply(&netns, &spec).unwrap();
+        let err = Nft::new("/nonexistent/nft")
+            .apply_fresh(&netns, &spec)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nft not found at /nonexistent/nft"), "{err}");
+    });
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+    result.unwrap();
+}

@@ -137,7 +137,7 @@ pub fn precreate(config: &Value, settings: &HookSettings) -> Result<(), HookErro
         let netns = Netns::open(&netns_path(config)?)?;
         let decisions = Decisions::load(&paths::decisions_file(&sidecar.run_state_dir))?;
         let spec = shield::effective_spec(&plan.allow, &decisions, Mode::Up, resolvers(config));
-        Nft::new(&settings.nft).apply(&netns, &spec)?;
+        Nft::new(&settings.nft).apply_fresh(&netns, &spec)?;
         tracing::info!(
             container = %sidecar.container_name,
             allow = spec.allow.len(),

@@ -137,9 +137,24 @@ impl Nft {
         })
     }
 
-    /// Apply the whole ruleset and verify what the kernel now holds.
+    /// Apply the whole ruleset in a netns that should have no terok table yet (a new
+    /// container netns), and verify what the kernel now holds. Should a table be there after
+    /// all (the hook fired twice), the mismatch is caught and the table replaced.
+    pub fn apply_fresh(&self, netns: &Netns, spec: &RulesetSpec) -> Result<(), ShieldError> {
+        self.run(netns, &["-f", "-"], Some(&ruleset::render(spec, false)))?;
+        match self.verify(netns, spec) {
+            Ok(()) => Ok(()),
+            Err(ShieldError::Verify(first)) => {
+                tracing::warn!("fresh apply did not verify ({first}); replacing the table");
+                self.apply(netns, spec)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replace the whole ruleset (whatever terok table exists) and verify.
     pub fn apply(&self, netns: &Netns, spec: &RulesetSpec) -> Result<(), ShieldError> {
-        self.run(netns, &["-f", "-"], Some(&ruleset::render(spec)))?;
+        self.run(netns, &["-f", "-"], Some(&ruleset::render(spec, true)))?;
         self.verify(netns, spec)
     }
 
