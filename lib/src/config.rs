@@ -33,6 +33,43 @@ pub enum ConfigError {
 #[serde(default)]
 pub struct Config {
     pub shield: ShieldConfig,
+    pub credentials: CredentialsConfig,
+}
+
+/// `credentials:` — where the vault's passphrase comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// Shared credentials directory (schema only; consumed by orchestrators).
+    pub dir: Option<PathBuf>,
+    /// Removed plaintext tier: any value other than null is rejected with a migration hint.
+    #[serde(deserialize_with = "removed_passphrase")]
+    pub passphrase: Option<()>,
+    /// Consult the OS keyring (Secret Service) tier.
+    pub use_keyring: bool,
+    /// A helper that prints the passphrase on stdout (run without a shell, 30 s limit).
+    pub passphrase_command: Option<String>,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        CredentialsConfig {
+            dir: None,
+            passphrase: None,
+            use_keyring: true,
+            passphrase_command: None,
+        }
+    }
+}
+
+fn removed_passphrase<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<()>, D::Error> {
+    let value = Option::<Value>::deserialize(d)?;
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => Err(serde::de::Error::custom(
+            "credentials.passphrase (a plaintext passphrase in config) was removed: move the value into its own file (mode 600) and set `passphrase_command: cat /path/to/that/file` instead",
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,5 +175,31 @@ mod tests {
 
         let missing = Config::load_files(&[dir.path().join("none.yml")]).unwrap();
         assert_eq!(missing.shield.profiles, ["dev-standard"]);
+        assert!(missing.credentials.use_keyring);
+    }
+
+    #[test]
+    fn credentials_section_rejects_the_plaintext_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yml");
+        std::fs::write(
+            &file,
+            "credentials:\n  use_keyring: false\n  passphrase_command: pass show terok\n  passphrase: null\n",
+        )
+        .unwrap();
+        let cfg = Config::load_files(std::slice::from_ref(&file)).unwrap();
+        assert!(!cfg.credentials.use_keyring);
+        assert_eq!(
+            cfg.credentials.passphrase_command.as_deref(),
+            Some("pass show terok")
+        );
+        std::fs::write(&file, "credentials:\n  passphrase: hunter2\n").unwrap();
+        let err = Config::load_files(std::slice::from_ref(&file))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("passphrase_command: cat"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        std::fs::write(&file, "credentials:\n  passphrase_cmd: x\n").unwrap();
+        assert!(Config::load_files(&[file]).is_err());
     }
 }

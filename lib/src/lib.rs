@@ -17,6 +17,7 @@ pub mod setup;
 pub mod shield;
 pub mod sidecar;
 pub mod supervisor;
+pub mod vault;
 
 /// The OCI annotation that marks a container as ours and points at its sidecar.
 pub const SIDECAR_ANNOTATION: &str = "terok.sandbox.sidecar";

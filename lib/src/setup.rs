@@ -38,6 +38,8 @@ pub enum SetupError {
     },
     #[error("{path} is not valid TOML ({detail}); fix it before running setup")]
     BadContainersConf { path: PathBuf, detail: String },
+    #[error("vault: {0}")]
+    Vault(#[from] crate::vault::VaultError),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -48,6 +50,16 @@ pub struct SetupArgs {
     /// Only write the descriptors; do not register their directory with podman
     #[arg(long)]
     pub no_register: bool,
+    /// Where the vault passphrase lives: systemd-creds, keyring or kernel-keyring
+    /// (required when setup runs without a terminal and no tier holds one yet)
+    #[arg(long, value_name = "TIER")]
+    pub passphrase_tier: Option<String>,
+    /// Also print a generated vault passphrase on stdout (it is a secret: mind your logs)
+    #[arg(long)]
+    pub echo_passphrase: bool,
+    /// Skip the vault phase
+    #[arg(long)]
+    pub no_vault: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -191,6 +203,31 @@ fn write_if_changed(path: &Path, text: &str, mode: u32) -> Result<&'static str, 
 }
 
 pub fn setup(ctx: &Context, args: &SetupArgs) -> Result<(), SetupError> {
+    // The tier is checked before any phase changes the host.
+    let tier = if args.no_vault {
+        None
+    } else {
+        crate::vault::provision::parse_tier(args.passphrase_tier.as_deref())?
+    };
+    hooks_phase(ctx, args)?;
+    if args.no_vault {
+        println!("Vault:\n  skipped (--no-vault)");
+        return Ok(());
+    }
+    vault_phase(ctx, tier, args.echo_passphrase)
+}
+
+/// Setup's vault phase: store the passphrase in a tier and create the encrypted DB.
+fn vault_phase(
+    ctx: &Context,
+    tier: Option<crate::vault::Tier>,
+    echo: bool,
+) -> Result<(), SetupError> {
+    crate::vault::provision::setup_phase(ctx, tier, echo)?;
+    Ok(())
+}
+
+fn hooks_phase(ctx: &Context, args: &SetupArgs) -> Result<(), SetupError> {
     let root_user = paths::is_real_root();
     let hook = hook_binary()?;
     let nft = &ctx.config.shield.nft;

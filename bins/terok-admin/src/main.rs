@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use terok::logging::{self, Fallback};
-use terok::{Context, setup, shield};
+use terok::{Context, setup, shield, vault};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +26,12 @@ enum Command {
     /// Inspect and change containers' egress firewalls
     #[command(subcommand)]
     Shield(shield::ShieldCommand),
+    /// Unlock, lock and inspect the credentials vault and its passphrase
+    #[command(subcommand)]
+    Vault(vault::VaultCommand),
+    /// Store provider credentials in the vault; encrypt a legacy plaintext DB
+    #[command(subcommand)]
+    Credentials(vault::CredentialsCommand),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -34,6 +40,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Setup(args) => setup::setup(&ctx, &args)?,
         Command::Uninstall(args) => setup::uninstall(&ctx, &args)?,
         Command::Shield(cmd) => shield::run(&ctx, cmd)?,
+        Command::Vault(cmd) => vault::cli::run(&ctx, cmd)?,
+        Command::Credentials(cmd) => vault::cli::run_credentials(&ctx, cmd)?,
     }
     Ok(())
 }
