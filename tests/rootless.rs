@@ -136,7 +136,7 @@ fn rootless_setup_and_shielded_run() {
         "mkdir -p $TEROK_ROOT/config/shield/profiles && echo {allowed} > $TEROK_ROOT/config/shield/profiles/t.txt && printf 'shield:\\n  profiles: []\\n' > $TEROK_CONFIG_FILE"
     ));
 
-    let out = rl.sh(&format!("{} setup", rl.bin("terok-admin")));
+    let out = rl.sh(&format!("{} setup --no-vault", rl.bin("terok-admin")));
     assert!(
         out.contains(".config/containers/containers.conf.d/99-terok.conf"),
         "{out}"

@@ -96,7 +96,7 @@ fn setup_makes_plain_rootful_podman_run_shielded() {
     )
     .unwrap();
 
-    let out = run_ok(terok("terok-admin").arg("setup"));
+    let out = run_ok(terok("terok-admin").args(["setup", "--no-vault"]));
     assert!(out.contains(DROP_IN), "{out}");
     let drop_in = std::fs::read_to_string(DROP_IN).unwrap();
     assert!(
@@ -107,7 +107,7 @@ fn setup_makes_plain_rootful_podman_run_shielded() {
         drop_in.contains(&dir.path().join("root/hooks.d").display().to_string()),
         "{drop_in}"
     );
-    let again = run_ok(terok("terok-admin").arg("setup"));
+    let again = run_ok(terok("terok-admin").args(["setup", "--no-vault"]));
     assert!(
         again.contains("unchanged") && !again.contains("written"),
         "setup is not idempotent: {again}"

@@ -229,7 +229,7 @@ impl Env {
         .unwrap();
         let out = run_ok(
             env.admin()
-                .args(["setup", "--no-register", "--hooks-dir"])
+                .args(["setup", "--no-vault", "--no-register", "--hooks-dir"])
                 .arg(env.hooks_dir()),
         );
         assert!(out.contains("terok-precreate.json"), "{out}");
