@@ -302,7 +302,7 @@ fn cleanup_removes_everything_and_is_idempotent() {
 
     run_ok(
         iso.cmd("terok-run")
-            .args(["prepare", "c1", "--profiles", "t", "--scope", "proj"]),
+            .args(["prepare", "c1", "--profiles", "t"]),
     );
     run_ok(
         iso.cmd("terok-run")
