@@ -30,6 +30,11 @@ pub enum LaunchError {
     Sidecar(#[from] SidecarError),
     #[error(transparent)]
     Podman(#[from] PodmanError),
+    #[error("cannot mint the phantom tokens of scope {scope}: {source}")]
+    Tokens {
+        scope: String,
+        source: crate::vault::VaultError,
+    },
     #[error(
         "image {0} is not present locally; build or pull it first (podman pull {0}), or pass --pull=missing to let podman fetch it"
     )]
@@ -174,7 +179,7 @@ fn write(plan: &Plan) -> Result<Vec<String>, LaunchError> {
 
 pub fn prepare(ctx: &Context, args: &PrepareArgs) -> Result<(), LaunchError> {
     let plan = plan(ctx, &args.name, &args.flags)?;
-    let flags = write(&plan)?;
+    let flags = mint_and_write(ctx, &plan)?;
     if args.json {
         println!(
             "{}",
@@ -249,7 +254,7 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<i32, LaunchError> {
     if !pulls && !podman::image_exists(&podman, &user.image)? {
         return Err(LaunchError::ImageMissing(user.image));
     }
-    let flags = write(&plan)?;
+    let flags = mint_and_write(ctx, &plan)?;
     let started = SystemTime::now();
     install_forwarding();
     let mut child = Command::new(&podman)
@@ -309,6 +314,10 @@ pub fn cleanup(ctx: &Context, args: &CleanupArgs) -> Result<(), LaunchError> {
     }
     // A corrupt sidecar must not keep the rest from going: fall back to the derived paths.
     let sidecar = Sidecar::load(&sidecar_path).ok();
+    // Tokens go first, so a container that is still running gets 401s from here on.
+    if let Some(scope) = sidecar.as_ref().and_then(|s| s.scope.as_deref()) {
+        revoke_tokens(ctx, scope, name);
+    }
     if let Ok(podman) = podman::binary()
         && let Ok(Some(info)) = podman::inspect(&podman, name)
         && info.pid.is_some()
@@ -345,6 +354,36 @@ pub fn cleanup(ctx: &Context, args: &CleanupArgs) -> Result<(), LaunchError> {
     }
     println!("Cleaned up terok state for {name}.");
     Ok(())
+}
+
+/// Mint the container's phantom tokens (after every other check, before the sidecar is
+/// written), then write; a failed write takes the tokens back. A container without a scope
+/// never opens the vault: that is the fast path.
+fn mint_and_write(ctx: &Context, plan: &Plan) -> Result<Vec<String>, LaunchError> {
+    let Some(scope) = plan.sidecar.scope.as_deref() else {
+        return write(plan);
+    };
+    let name = &plan.sidecar.container_name;
+    crate::vault::mint_container_tokens(ctx, scope, name, plan.sidecar.broker).map_err(
+        |source| LaunchError::Tokens {
+            scope: scope.to_owned(),
+            source,
+        },
+    )?;
+    write(plan).inspect_err(|_| {
+        let _ = crate::vault::revoke_container_tokens(ctx, scope, name);
+    })
+}
+
+/// Revoke (scope, container)'s tokens; a vault that cannot be opened gets a warning, never a
+/// failure of the rest of cleanup.
+fn revoke_tokens(ctx: &Context, scope: &str, name: &str) {
+    match crate::vault::revoke_container_tokens(ctx, scope, name) {
+        Ok(_) | Err(crate::vault::VaultError::MissingDb { .. }) => {}
+        Err(e) => eprintln!(
+            "warning: the phantom tokens of scope {scope}, container {name} stay in the vault ({e}); once it is unlocked run `terok-admin vault revoke {scope} {name}`"
+        ),
+    }
 }
 
 /// Dispatch one launch verb; returns the process exit code.

@@ -652,10 +652,10 @@ pub fn purge_tiers(ctx: &Context) -> Result<Vec<String>, VaultError> {
 
 fn lock(ctx: &Context, force: bool) -> Result<(), VaultError> {
     if !force && !super::recovery_acknowledged(ctx) {
-        eprintln!(
-            "`vault lock` clears EVERY stored copy of the vault passphrase. Without a copy stored elsewhere the vault would become UNRECOVERABLE."
+        let asked = confirm_saved(
+            "`vault lock` clears EVERY stored copy of the vault passphrase; without a copy stored elsewhere the vault becomes UNRECOVERABLE.\nType SAVED to confirm you have it stored elsewhere: ",
         );
-        if !confirm_saved("Type SAVED to confirm you have it stored elsewhere: ") {
+        if !asked {
             return Err(VaultError::Refused(
                 "lock aborted — passphrase not confirmed saved. Save it (see `terok-admin vault passphrase reveal`) then retry, or pass --force.".into(),
             ));

@@ -218,10 +218,11 @@ fn sql(what: &str) -> impl FnOnce(rusqlite::Error) -> VaultError + '_ {
 
 /// Key a fresh connection: `PRAGMA key` then SQLCipher 4 defaults, before anything else.
 fn key_connection(conn: &Connection, passphrase: &str) -> rusqlite::Result<()> {
-    // SQLCipher logs decryption failures to stderr by itself; we report them ourselves.
-    let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE");
     let key = sql_literal(passphrase);
     conn.execute_batch(&format!("PRAGMA key = {}", key.as_str()))?;
+    // SQLCipher logs decryption failures to stderr by itself (its default is set when the
+    // codec activates, at the key); we report them ourselves, in one line.
+    let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE");
     conn.execute_batch("PRAGMA cipher_compatibility = 4")?;
     Ok(())
 }
@@ -272,6 +273,19 @@ pub fn mask_token(token: &str) -> String {
 }
 
 impl Db {
+    /// Map a statement error: busy and corrupt keep their meaning, the rest say what failed.
+    fn sql<'a>(&'a self, what: &'a str) -> impl FnOnce(rusqlite::Error) -> VaultError + 'a {
+        move |source| match source.sqlite_error_code() {
+            Some(
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::DatabaseCorrupt,
+            ) => classify(&self.path, source),
+            _ => VaultError::Sql {
+                what: what.to_owned(),
+                source,
+            },
+        }
+    }
+
     /// Open (or create) the vault at `path` with `passphrase`; bootstrap and migrate the schema.
     pub fn open(path: &Path, passphrase: &str, mode: OpenMode) -> Result<Db, VaultError> {
         if passphrase.is_empty() {
@@ -290,9 +304,16 @@ impl Db {
             }
             FileKind::Missing => {
                 let dir = path.parent().unwrap_or(Path::new("."));
-                fsutil::ensure_private_dir(dir, false)
+                fsutil::ensure_private_dir(dir, true)
                     .map_err(|e| VaultError::io(format!("create {}", dir.display()), e))?;
                 create_private_file(path)?;
+            }
+            FileKind::Opaque if looks_truncated(path) => {
+                // Checked before SQLite touches it: a damaged file gets no -wal/-shm.
+                return Err(VaultError::Corrupt {
+                    db: path.to_owned(),
+                    detail: "not a whole number of 4096-byte pages".into(),
+                });
             }
             FileKind::Empty | FileKind::Opaque => {}
         }
@@ -341,19 +362,19 @@ impl Db {
     pub fn user_version(&self) -> Result<i64, VaultError> {
         self.conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql("read user_version"))
+            .map_err(self.sql("read user_version"))
     }
 
     fn has_column(&self, table: &str, column: &str) -> Result<bool, VaultError> {
         let mut stmt = self
             .conn
             .prepare(&format!("PRAGMA table_info({table})"))
-            .map_err(sql("inspect the schema"))?;
+            .map_err(self.sql("inspect the schema"))?;
         let names = stmt
             .query_map([], |r| r.get::<_, String>(1))
-            .map_err(sql("inspect the schema"))?
+            .map_err(self.sql("inspect the schema"))?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(sql("inspect the schema"))?;
+            .map_err(self.sql("inspect the schema"))?;
         Ok(names.iter().any(|n| n == column))
     }
 
@@ -365,7 +386,7 @@ impl Db {
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n > 0)
-            .map_err(sql("inspect the schema"))
+            .map_err(self.sql("inspect the schema"))
     }
 
     /// Create missing tables, then migrate forward to `USER_VERSION`. A DB that is already
@@ -384,7 +405,7 @@ impl Db {
         let tx = self
             .conn
             .unchecked_transaction()
-            .map_err(sql("start the schema migration"))?;
+            .map_err(self.sql("start the schema migration"))?;
         // A pre-v1 ssh_keys table (private_pem) must not be shadowed by the new definition;
         // a pre-v4 assignments table gets its column by migration below.
         let legacy_keys =
@@ -393,7 +414,8 @@ impl Db {
             if legacy_keys && stmt.contains("TABLE IF NOT EXISTS ssh_keys ") {
                 continue;
             }
-            tx.execute_batch(stmt).map_err(sql("create the schema"))?;
+            tx.execute_batch(stmt)
+                .map_err(self.sql("create the schema"))?;
         }
         if current < 1 && legacy_keys {
             self.migrate_v0_keys()?;
@@ -403,7 +425,7 @@ impl Db {
             && !self.has_column("proxy_tokens", "subject")?
         {
             tx.execute_batch("ALTER TABLE proxy_tokens RENAME COLUMN task TO subject")
-                .map_err(sql("migrate proxy_tokens to v2"))?;
+                .map_err(self.sql("migrate proxy_tokens to v2"))?;
         }
         if current < 3 {
             for (old, new) in PROVIDER_RENAMES {
@@ -412,7 +434,7 @@ impl Db {
                         &format!("UPDATE OR IGNORE {table} SET provider = ?2 WHERE provider = ?1"),
                         params![old, new],
                     )
-                    .map_err(sql("migrate provider names to v3"))?;
+                    .map_err(self.sql("migrate provider names to v3"))?;
                 }
             }
         }
@@ -420,13 +442,13 @@ impl Db {
             tx.execute_batch(
                 "ALTER TABLE ssh_key_assignments ADD COLUMN is_default INTEGER NOT NULL DEFAULT 0 CHECK (is_default IN (0, 1))",
             )
-            .map_err(sql("migrate ssh_key_assignments to v4"))?;
+            .map_err(self.sql("migrate ssh_key_assignments to v4"))?;
         }
         tx.execute_batch(DEFAULT_INDEX)
-            .map_err(sql("create the schema"))?;
+            .map_err(self.sql("create the schema"))?;
         tx.execute_batch(&format!("PRAGMA user_version = {USER_VERSION}"))
-            .map_err(sql("set user_version"))?;
-        tx.commit().map_err(sql("commit the schema migration"))
+            .map_err(self.sql("set user_version"))?;
+        tx.commit().map_err(self.sql("commit the schema migration"))
     }
 
     /// v0 → v1: OpenSSH-PEM private keys become unencrypted PKCS#8 DER, hex fingerprints
@@ -436,7 +458,7 @@ impl Db {
             let mut stmt = self
                 .conn
                 .prepare("SELECT id, private_pem, public_blob FROM ssh_keys")
-                .map_err(sql("read v0 ssh keys"))?;
+                .map_err(self.sql("read v0 ssh keys"))?;
             stmt.query_map([], |r| {
                 let pem: rusqlite::types::Value = r.get(1)?;
                 let pem = match pem {
@@ -446,9 +468,9 @@ impl Db {
                 };
                 Ok((r.get(0)?, pem, r.get(2)?))
             })
-            .map_err(sql("read v0 ssh keys"))?
+            .map_err(self.sql("read v0 ssh keys"))?
             .collect::<Result<_, _>>()
-            .map_err(sql("read v0 ssh keys"))?
+            .map_err(self.sql("read v0 ssh keys"))?
         };
         for (id, pem, blob) in rows {
             let der = super::sshkey::openssh_pem_to_pkcs8(&pem).map_err(|detail| {
@@ -462,11 +484,11 @@ impl Db {
                     "UPDATE ssh_keys SET private_pem = ?1, fingerprint = ?2 WHERE id = ?3",
                     params![der.as_slice(), fingerprint(&blob), id],
                 )
-                .map_err(sql("migrate ssh keys to v1"))?;
+                .map_err(self.sql("migrate ssh keys to v1"))?;
         }
         self.conn
             .execute_batch("ALTER TABLE ssh_keys RENAME COLUMN private_pem TO private_der")
-            .map_err(sql("migrate ssh keys to v1"))
+            .map_err(self.sql("migrate ssh keys to v1"))
     }
 
     // ---- credentials -------------------------------------------------------------------
@@ -484,7 +506,7 @@ impl Db {
                 "INSERT OR REPLACE INTO credentials (credential_set, provider, data) VALUES (?1, ?2, ?3)",
                 params![set, provider, text.as_str()],
             )
-            .map_err(sql("store the credential"))?;
+            .map_err(self.sql("store the credential"))?;
         Ok(())
     }
 
@@ -502,7 +524,7 @@ impl Db {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(sql("read a credential"))?;
+            .map_err(self.sql("read a credential"))?;
         let Some(text) = text.map(zeroize::Zeroizing::new) else {
             return Ok(None);
         };
@@ -539,15 +561,18 @@ impl Db {
                 params![set, provider],
             )
             .map(|n| n > 0)
-            .map_err(sql("delete the credential"))
+            .map_err(self.sql("delete the credential"))
     }
 
     fn strings(&self, query: &str, args: &[&str]) -> Result<Vec<String>, VaultError> {
-        let mut stmt = self.conn.prepare(query).map_err(sql("query the vault"))?;
+        let mut stmt = self
+            .conn
+            .prepare(query)
+            .map_err(self.sql("query the vault"))?;
         stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
-            .map_err(sql("query the vault"))?
+            .map_err(self.sql("query the vault"))?
             .collect::<Result<_, _>>()
-            .map_err(sql("query the vault"))
+            .map_err(self.sql("query the vault"))
     }
 
     // ---- phantom tokens ----------------------------------------------------------------
@@ -566,7 +591,7 @@ impl Db {
                 "INSERT INTO proxy_tokens (token, scope, subject, credential_set, provider) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![token, scope, subject, credential_set, provider],
             )
-            .map_err(sql("store a phantom token"))?;
+            .map_err(self.sql("store a phantom token"))?;
         Ok(token)
     }
 
@@ -580,7 +605,7 @@ impl Db {
             .prepare_cached(
                 "SELECT token, scope, subject, credential_set, provider FROM proxy_tokens WHERE token = ?1",
             )
-            .map_err(sql("look up a phantom token"))?;
+            .map_err(self.sql("look up a phantom token"))?;
         let row = stmt
             .query_row([token], |r| {
                 Ok((
@@ -594,7 +619,7 @@ impl Db {
                 ))
             })
             .optional()
-            .map_err(sql("look up a phantom token"))?;
+            .map_err(self.sql("look up a phantom token"))?;
         // The index found the row; the final equality is still checked in constant time.
         Ok(row.and_then(|(stored, info)| {
             bool::from(stored.as_bytes().ct_eq(token.as_bytes())).then_some(info)
@@ -608,7 +633,7 @@ impl Db {
             .prepare(
                 "SELECT token, scope, subject, credential_set, provider FROM proxy_tokens ORDER BY scope, subject, provider, token",
             )
-            .map_err(sql("list phantom tokens"))?;
+            .map_err(self.sql("list phantom tokens"))?;
         stmt.query_map([], |r| {
             Ok(TokenRow {
                 token: r.get(0)?,
@@ -618,9 +643,9 @@ impl Db {
                 provider: r.get(4)?,
             })
         })
-        .map_err(sql("list phantom tokens"))?
+        .map_err(self.sql("list phantom tokens"))?
         .collect::<Result<_, _>>()
-        .map_err(sql("list phantom tokens"))
+        .map_err(self.sql("list phantom tokens"))
     }
 
     /// Delete every token of (scope, subject); returns how many went. Idempotent.
@@ -630,7 +655,7 @@ impl Db {
                 "DELETE FROM proxy_tokens WHERE scope = ?1 AND subject = ?2",
                 params![scope, subject],
             )
-            .map_err(sql("revoke phantom tokens"))
+            .map_err(self.sql("revoke phantom tokens"))
     }
 
     /// Run `f` inside `BEGIN IMMEDIATE … COMMIT`, rolling back on error.
@@ -660,7 +685,7 @@ impl Db {
     pub fn count_ssh_keys(&self) -> Result<i64, VaultError> {
         self.conn
             .query_row("SELECT count(*) FROM ssh_keys", [], |r| r.get(0))
-            .map_err(sql("count ssh keys"))
+            .map_err(self.sql("count ssh keys"))
     }
 
     /// Keys assigned to a scope: the default first, then by assignment time, then id.
@@ -672,7 +697,7 @@ impl Db {
                  FROM ssh_key_assignments a JOIN ssh_keys k ON k.id = a.key_id
                  WHERE a.scope = ?1 ORDER BY a.is_default DESC, a.assigned_at, k.id",
             )
-            .map_err(sql("list ssh keys"))?;
+            .map_err(self.sql("list ssh keys"))?;
         stmt.query_map([scope], |r| {
             Ok(SshKeyInfo {
                 id: r.get(0)?,
@@ -682,9 +707,9 @@ impl Db {
                 created_at: r.get(4)?,
             })
         })
-        .map_err(sql("list ssh keys"))?
+        .map_err(self.sql("list ssh keys"))?
         .collect::<Result<_, _>>()
-        .map_err(sql("list ssh keys"))
+        .map_err(self.sql("list ssh keys"))
     }
 
     /// Close, reporting a failure to release the DB.

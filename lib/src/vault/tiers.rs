@@ -126,13 +126,14 @@ impl Chain {
     /// Resolve the passphrase. `prompt` allows the last tier (only when stdin is a TTY).
     pub fn resolve(&self, prompt: bool) -> Result<Option<(Secret, Tier)>, VaultError> {
         if self.sealed_file.is_file() {
-            return match systemd::unseal(&self.sealed_file) {
-                Some(pw) => Ok(Some((pw, Tier::SystemdCreds))),
-                None => Err(VaultError::BrokenTier {
+            return match systemd::unseal_reason(&self.sealed_file) {
+                Ok(pw) => Ok(Some((pw, Tier::SystemdCreds))),
+                Err(why) => Err(VaultError::BrokenTier {
                     tier: Tier::SystemdCreds,
                     detail: format!(
-                        "sealed credential present at {} but could not be unsealed",
-                        self.sealed_file.display()
+                        "sealed credential present at {} but could not be unsealed: {}",
+                        self.sealed_file.display(),
+                        why.replace('\n', " ")
                     ),
                 }),
             };
@@ -146,13 +147,14 @@ impl Chain {
             return Ok(Some((pw, Tier::KernelKeyring)));
         }
         if let Some(cmd) = self.command() {
-            return match command::run(cmd) {
-                Some(pw) => Ok(Some((pw, Tier::PassphraseCommand))),
-                None => Err(VaultError::BrokenTier {
+            return match command::run_reason(cmd) {
+                Ok(pw) => Ok(Some((pw, Tier::PassphraseCommand))),
+                Err(why) => Err(VaultError::BrokenTier {
                     tier: Tier::PassphraseCommand,
-                    detail:
-                        "passphrase_command produced no passphrase; run it manually to diagnose"
-                            .into(),
+                    detail: format!(
+                        "passphrase_command produced no passphrase ({}); run it manually to diagnose",
+                        why.replace('\n', " ")
+                    ),
                 }),
             };
         }
@@ -389,10 +391,15 @@ pub mod systemd {
 
     /// Unseal `path`; `None` on any failure (the caller fails closed).
     pub fn unseal(path: &Path) -> Option<Secret> {
+        unseal_reason(path).ok()
+    }
+
+    /// Unseal `path`, or say why not.
+    pub fn unseal_reason(path: &Path) -> Result<Secret, String> {
         if !path.is_file() {
-            return None;
+            return Err(format!("{} is not a file", path.display()));
         }
-        let bin = binary()?;
+        let bin = binary().ok_or("systemd-creds not found on PATH")?;
         let mut cmd = Command::new(&bin);
         cmd.arg("decrypt");
         mode_args(&mut cmd);
@@ -400,16 +407,14 @@ pub mod systemd {
         match run_with_timeout(&mut cmd, None, SYSTEMD_TIMEOUT) {
             Ok((status, out, _)) if status.success() => {
                 let pw = strip_newlines(&out);
-                (!pw.is_empty()).then(|| Secret::new(pw.to_owned()))
+                if pw.is_empty() {
+                    Err("systemd-creds decrypt printed nothing".into())
+                } else {
+                    Ok(Secret::new(pw.to_owned()))
+                }
             }
-            Ok((status, _, err)) => {
-                tracing::warn!("systemd-creds decrypt failed ({status}): {err}");
-                None
-            }
-            Err(e) => {
-                tracing::warn!("systemd-creds decrypt: {e}");
-                None
-            }
+            Ok((status, _, err)) => Err(format!("systemd-creds decrypt failed ({status}): {err}")),
+            Err(e) => Err(format!("systemd-creds decrypt {e}")),
         }
     }
 }
@@ -769,30 +774,33 @@ pub mod command {
     use super::*;
 
     pub fn run(command: &str) -> Option<Secret> {
-        let Some(argv) = shlex::split(command) else {
-            tracing::warn!("passphrase_command: shlex parse failed (unbalanced quotes?)");
-            return None;
-        };
-        let (program, args) = argv.split_first()?;
+        run_reason(command)
+            .inspect_err(|why| tracing::debug!("passphrase_command: {why}"))
+            .ok()
+    }
+
+    /// Run the helper; the error says why it gave nothing (never the whole command text,
+    /// which may hold paths or ARNs — only its program name).
+    pub fn run_reason(command: &str) -> Result<Secret, String> {
+        let argv = shlex::split(command).ok_or("shlex parse failed (unbalanced quotes?)")?;
+        let (program, args) = argv.split_first().ok_or("empty command")?;
         let mut cmd = Command::new(program);
         cmd.args(args);
         match run_with_timeout(&mut cmd, None, COMMAND_TIMEOUT) {
             Ok((status, out, _)) if status.success() => {
                 let pw = strip_newlines(&out);
-                (!pw.is_empty()).then(|| Secret::new(pw.to_owned()))
+                if pw.is_empty() {
+                    Err(format!("'{program}' printed nothing"))
+                } else {
+                    Ok(Secret::new(pw.to_owned()))
+                }
             }
-            Ok((status, _, err)) => {
-                tracing::warn!(
-                    "passphrase_command: '{program}' exited {}: {}",
-                    status.code().unwrap_or(-1),
-                    if err.is_empty() { "(no stderr)" } else { &err }
-                );
-                None
-            }
-            Err(e) => {
-                tracing::warn!("passphrase_command: '{program}' {e}");
-                None
-            }
+            Ok((status, _, err)) => Err(format!(
+                "'{program}' exited {}: {}",
+                status.code().unwrap_or(-1),
+                if err.is_empty() { "(no stderr)" } else { &err }
+            )),
+            Err(e) => Err(format!("'{program}' {e}")),
         }
     }
 }
