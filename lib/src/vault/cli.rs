@@ -1067,7 +1067,9 @@ fn credentials_set(
         map.insert(field.into(), Value::from(value.as_str()));
         map
     };
-    let (db, _) = super::open(ctx, false, OpenMode::Create)?;
+    // A prompt may unlock an existing vault, never key a new one (a typo would become its key).
+    let prompt = store::file_kind(&super::db_path(ctx))? != FileKind::Missing;
+    let (db, _) = super::open(ctx, prompt, OpenMode::Create)?;
     db.store_credential(set, provider, &data)?;
     println!("stored credential {set}/{provider} (fields: {})", {
         let mut f: Vec<&String> = data.keys().filter(|k| *k != "type").collect();
