@@ -10,6 +10,7 @@
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::Value;
 use thiserror::Error;
@@ -19,7 +20,7 @@ use crate::shield::nft::{Netns, Nft};
 use crate::shield::ruleset::Mode;
 use crate::shield::{self, ShieldError};
 use crate::sidecar::{Sidecar, SidecarError};
-use crate::{SIDECAR_ANNOTATION, fsutil, paths};
+use crate::{SIDECAR_ANNOTATION, fsutil, paths, supervisor};
 
 #[derive(Debug, Error)]
 pub enum HookError {
@@ -43,18 +44,31 @@ pub enum HookError {
 #[derive(Debug, Clone)]
 pub struct HookSettings {
     pub nft: PathBuf,
+    /// The terok-supervisor binary (default: next to the hook).
+    pub supervisor: PathBuf,
 }
 
 impl HookSettings {
     pub fn from_env() -> Self {
-        HookSettings {
-            nft: std::env::var_os("TEROK_NFT")
+        let var = |name: &str| {
+            std::env::var_os(name)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(shield::DEFAULT_NFT)),
+        };
+        HookSettings {
+            nft: var("TEROK_NFT").unwrap_or_else(|| PathBuf::from(shield::DEFAULT_NFT)),
+            supervisor: var("TEROK_SUPERVISOR").unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|e| e.parent().map(|d| d.join("terok-supervisor")))
+                    .unwrap_or_else(|| PathBuf::from("terok-supervisor"))
+            }),
         }
     }
 }
+
+/// How long precreate waits for the supervisor's services to listen.
+const READY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The sidecar path from an OCI config's or state's annotations.
 pub fn sidecar_path(doc: &Value) -> Option<PathBuf> {
@@ -145,7 +159,60 @@ pub fn precreate(config: &Value, settings: &HookSettings) -> Result<(), HookErro
             "shield applied and verified"
         );
     }
+    start_supervisor(config, &path, &sidecar, settings);
     Ok(())
+}
+
+/// Spawn the supervisor when the container has services. Never fails the container: its
+/// services would be missing, but the shield already stands on its own.
+fn start_supervisor(config: &Value, path: &Path, sidecar: &Sidecar, settings: &HookSettings) {
+    let services = supervisor::services(sidecar);
+    if services.is_empty() {
+        return;
+    }
+    let netns = match netns_path(config) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(container = %sidecar.container_name, "no supervisor: {e}");
+            return;
+        }
+    };
+    let log = supervisor::log_file(path, &sidecar.container_name);
+    match supervisor::process::spawn(
+        &settings.supervisor,
+        path,
+        &netns,
+        &sidecar.runtime_dir,
+        log,
+        READY_TIMEOUT,
+    ) {
+        Ok(pid) => tracing::info!(container = %sidecar.container_name, pid, "spawned supervisor"),
+        Err(e) => tracing::error!(
+            container = %sidecar.container_name,
+            "SUPERVISOR FAILED, the container runs without its services: {e}"
+        ),
+    }
+}
+
+/// `createRuntime`: hand the container's init pid to its supervisor, which ends with it.
+/// Never fails the container.
+pub fn create_runtime(state: &Value) {
+    let Some(path) = sidecar_path(state) else {
+        return;
+    };
+    let Some(pid) = state.get("pid").and_then(Value::as_u64).filter(|p| *p > 1) else {
+        return;
+    };
+    match Sidecar::load_from_annotation(&path) {
+        Ok(sidecar) if !supervisor::services(&sidecar).is_empty() => {
+            let file = supervisor::container_pid_file(&sidecar.runtime_dir);
+            if let Err(e) = fsutil::write_atomic(&file, format!("{pid}\n").as_bytes(), 0o600) {
+                tracing::error!(container = %sidecar.container_name, "cannot record the container pid: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("createRuntime: {e}"),
+    }
 }
 
 /// Where a failed precreate leaves its reason for `terok-run` to show.
@@ -184,12 +251,15 @@ pub fn poststop(state: &Value) {
         return;
     };
     match Sidecar::load_from_annotation(&path) {
-        Ok(sidecar) => match fsutil::remove_dir_if_exists(&sidecar.runtime_dir) {
-            Ok(_) => {
-                tracing::info!(container = %sidecar.container_name, "poststop: runtime state removed")
+        Ok(sidecar) => {
+            supervisor::process::stop(&sidecar.runtime_dir, &path, Duration::from_millis(300));
+            match fsutil::remove_dir_if_exists(&sidecar.runtime_dir) {
+                Ok(_) => {
+                    tracing::info!(container = %sidecar.container_name, "poststop: runtime state removed")
+                }
+                Err(e) => tracing::warn!(container = %sidecar.container_name, "poststop: {e}"),
             }
-            Err(e) => tracing::warn!(container = %sidecar.container_name, "poststop: {e}"),
-        },
+        }
         // `cleanup` may already have removed everything.
         Err(e) => tracing::info!("poststop: nothing to tear down ({e})"),
     }

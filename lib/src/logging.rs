@@ -33,12 +33,21 @@ pub fn init(identifier: &str, default_level: &str, prefer_journald: bool, fallba
     }
     match fallback {
         Fallback::Stderr => {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter(default_level))
-                .with_writer(std::io::stderr)
-                .with_target(false)
-                .without_time()
-                .try_init();
+            // A person reads a terminal; a log file (the supervisor's stderr) wants times.
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(filter(default_level))
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .without_time()
+                    .try_init();
+            } else {
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(filter(default_level))
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false)
+                    .try_init();
+            }
         }
         Fallback::File(path) => {
             if let Some(dir) = path.parent() {

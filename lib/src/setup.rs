@@ -20,6 +20,10 @@ pub const DESCRIPTORS: &[(&str, &str)] = &[
         include_str!("../../hooks.d/terok-precreate.json"),
     ),
     (
+        "terok-createruntime.json",
+        include_str!("../../hooks.d/terok-createruntime.json"),
+    ),
+    (
         "terok-poststop.json",
         include_str!("../../hooks.d/terok-poststop.json"),
     ),
@@ -40,6 +44,8 @@ pub enum SetupError {
     BadContainersConf { path: PathBuf, detail: String },
     #[error("vault: {0}")]
     Vault(#[from] crate::vault::VaultError),
+    #[error("broker routes: {0}")]
+    Routes(#[from] crate::broker::RoutesError),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -104,7 +110,11 @@ pub fn render_descriptor(template: &str, hook: &Path, nft: &Path, log: &Path) ->
     if let Some(args) = doc["hook"]["args"].as_array_mut() {
         args.push(Value::String(format!("(reason: {})", log.display())));
     }
-    doc["hook"]["env"] = serde_json::json!([format!("TEROK_NFT={}", nft.display())]);
+    let supervisor = hook.with_file_name("terok-supervisor");
+    doc["hook"]["env"] = serde_json::json!([
+        format!("TEROK_NFT={}", nft.display()),
+        format!("TEROK_SUPERVISOR={}", supervisor.display()),
+    ]);
     let mut text = serde_json::to_string_pretty(&doc).expect("descriptor serialises");
     text.push('\n');
     text
@@ -210,11 +220,25 @@ pub fn setup(ctx: &Context, args: &SetupArgs) -> Result<(), SetupError> {
         crate::vault::provision::parse_tier(args.passphrase_tier.as_deref())?
     };
     hooks_phase(ctx, args)?;
+    routes_phase(ctx)?;
     if args.no_vault {
         println!("Vault:\n  skipped (--no-vault)");
         return Ok(());
     }
     vault_phase(ctx, tier, args.echo_passphrase)
+}
+
+/// Setup's routes phase: the broker's default route table, written only when absent (the
+/// user may edit it; setup never overwrites it).
+fn routes_phase(ctx: &Context) -> Result<(), SetupError> {
+    let path = crate::broker::routes_path(&ctx.paths.vault_dir);
+    let state = if crate::broker::write_default_routes(&path)? {
+        "written"
+    } else {
+        "kept"
+    };
+    println!("Routes:\n  routes.json   {state} ({})", path.display());
+    Ok(())
 }
 
 /// Setup's vault phase: store the passphrase in a tier and create the encrypted DB.

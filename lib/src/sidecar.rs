@@ -43,6 +43,49 @@ pub struct ShieldPlan {
     pub allow: Vec<IpNet>,
 }
 
+/// Where the supervisor finds the vault and how it gets the passphrase: it runs with an
+/// empty environment, so everything is spelled out here at prepare time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultPlan {
+    pub dir: PathBuf,
+    pub db_path: PathBuf,
+    pub sealed_file: PathBuf,
+    pub use_keyring: bool,
+    pub passphrase_command: Option<String>,
+    pub session_runtime_dir: Option<PathBuf>,
+    pub routes: PathBuf,
+    pub audit_log: PathBuf,
+}
+
+impl VaultPlan {
+    /// The vault as this user's context resolves it.
+    pub fn from_ctx(ctx: &crate::Context) -> Self {
+        let chain = crate::vault::tiers::Chain::from_ctx(ctx);
+        VaultPlan {
+            dir: ctx.paths.vault_dir.clone(),
+            db_path: chain.db_path,
+            sealed_file: chain.sealed_file,
+            use_keyring: chain.use_keyring,
+            passphrase_command: chain.passphrase_command,
+            session_runtime_dir: chain.session_runtime_dir,
+            routes: ctx.paths.vault_dir.join("routes.json"),
+            audit_log: ctx.paths.vault_dir.join("credential_audit.jsonl"),
+        }
+    }
+
+    /// The passphrase chain the supervisor walks.
+    pub fn chain(&self) -> crate::vault::tiers::Chain {
+        crate::vault::tiers::Chain {
+            db_path: self.db_path.clone(),
+            sealed_file: self.sealed_file.clone(),
+            use_keyring: self.use_keyring,
+            passphrase_command: self.passphrase_command.clone(),
+            session_runtime_dir: self.session_runtime_dir.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sidecar {
@@ -57,6 +100,9 @@ pub struct Sidecar {
     pub shield: Option<ShieldPlan>,
     pub gate: bool,
     pub broker: bool,
+    /// Present when the container has a scope (its services use the vault).
+    #[serde(default)]
+    pub vault: Option<VaultPlan>,
 }
 
 impl Sidecar {
@@ -161,6 +207,7 @@ mod tests {
             }),
             gate: true,
             broker: false,
+            vault: None,
         }
     }
 

@@ -214,9 +214,14 @@ impl Env {
         };
         // Profiles of our own only: no test may resolve a public name.
         fs::create_dir_all(env.profiles_dir()).unwrap();
+        // The vault opens non-interactively through the passphrase_command tier.
+        fs::write(env.path("passphrase"), "terok-e2e-passphrase").unwrap();
         fs::write(
             env.path("config.yml"),
-            format!("shield:\n  profiles: []\n  nft: {nft}\n"),
+            format!(
+                "shield:\n  profiles: []\n  nft: {nft}\ncredentials:\n  use_keyring: false\n  passphrase_command: /bin/cat {}\n",
+                env.path("passphrase").display()
+            ),
         )
         .unwrap();
         fs::write(
@@ -267,6 +272,18 @@ impl Env {
         name
     }
 
+    pub fn vault_dir(&self) -> PathBuf {
+        self.path("root/vault")
+    }
+
+    pub fn runtime_dir(&self, name: &str) -> PathBuf {
+        self.path("run/run").join(name)
+    }
+
+    pub fn sidecar(&self, name: &str) -> PathBuf {
+        self.state_dir().join(format!("sidecar/{name}.json"))
+    }
+
     fn apply_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         cmd.env("TEROK_ROOT", self.path("root"))
             .env("TEROK_SANDBOX_RUNTIME_DIR", self.path("run"))
@@ -309,9 +326,16 @@ impl Env {
 
     /// Start a detached, shielded container running `sleep` and return its name.
     pub fn start_sleeper(&self, base: &str, profiles: &str, extra: &[&str]) -> String {
+        self.start_sleeper_with(base, &["--profiles", profiles], extra)
+    }
+
+    /// Same, with any `terok-run run` flags (`--scope`, …).
+    pub fn start_sleeper_with(&self, base: &str, flags: &[&str], extra: &[&str]) -> String {
         let name = self.name(base);
         let mut cmd = self.terok_run();
-        cmd.args(["run", &name, "--profiles", profiles, "--", "-d"])
+        cmd.args(["run", &name])
+            .args(flags)
+            .args(["--", "-d"])
             .args(extra)
             .args([IMAGE, "sleep", "infinity"]);
         run_ok(&mut cmd);
@@ -512,6 +536,36 @@ pub struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Pids of processes whose command line contains `needle` (exact argv element match).
+pub fn pids_with_arg(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline"))
+            && cmdline.split(|b| *b == 0).any(|a| a == needle.as_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Poll `check` every 50 ms until it holds or `limit` passes; whether it held.
+pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -67,6 +67,15 @@ fn poststop(input: &[u8]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn create_runtime(input: &[u8]) -> ExitCode {
+    if let Ok(doc) = serde_json::from_slice::<Value>(input) {
+        init_logging(&doc);
+        hook::create_runtime(&doc);
+    }
+    // Supervision is best effort; the container must not fail for it.
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let stage = std::env::args().nth(1).unwrap_or_default();
     let mut input = Vec::new();
@@ -77,8 +86,11 @@ fn main() -> ExitCode {
     match stage.as_str() {
         "precreate" => precreate(&input),
         "poststop" => poststop(&input),
+        "createRuntime" => create_runtime(&input),
         other => {
-            eprintln!("terok-hook: unknown stage {other:?}; expected precreate or poststop");
+            eprintln!(
+                "terok-hook: unknown stage {other:?}; expected precreate, createRuntime or poststop"
+            );
             ExitCode::from(2)
         }
     }

@@ -149,6 +149,7 @@ fn plan(ctx: &Context, name: &str, flags: &LaunchFlags) -> Result<Plan, LaunchEr
             shield,
             gate: scoped && !flags.no_gate,
             broker: scoped && !flags.no_broker,
+            vault: scoped.then(|| sidecar::VaultPlan::from_ctx(ctx)),
         },
         sidecar_path: ctx.paths.sidecar(name),
         unresolved,

@@ -1,0 +1,85 @@
+//! The per-container supervisor.
+//!
+//! `terok-hook precreate` spawns it fully detached (new session, only a ready pipe
+//! inherited) and waits, bounded, for its ready byte: by then every service listens inside
+//! the container's network namespace, so the container's first process can use them. Services
+//! that hold secrets run in confined child processes that inherit their listening socket; a
+//! crashed child is restarted with back-off while connections wait in the socket's backlog.
+//! The supervisor learns the container's init pid from the `createRuntime` hook and ends,
+//! with its children, when that process dies, whether or not `poststop` runs.
+
+mod broker_child;
+pub mod harden;
+pub mod netns;
+pub mod process;
+pub mod run;
+pub mod service;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::sidecar::Sidecar;
+
+/// Where the broker listens on the container's own loopback.
+pub const BROKER_PORT: u16 = 9419;
+
+#[derive(Debug, Error)]
+pub enum SupervisorError {
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("supervisor: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Sidecar(#[from] crate::sidecar::SidecarError),
+}
+
+/// A service the supervisor runs for a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Service {
+    Broker,
+}
+
+impl Service {
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Broker => "broker",
+        }
+    }
+
+    /// The address it listens on inside the container.
+    pub fn addr(self) -> SocketAddr {
+        match self {
+            Service::Broker => SocketAddr::from((Ipv4Addr::LOCALHOST, BROKER_PORT)),
+        }
+    }
+}
+
+/// The services a container's sidecar asks for; empty means no supervisor at all.
+pub fn services(sidecar: &Sidecar) -> Vec<Service> {
+    let mut out = Vec::new();
+    if sidecar.broker && sidecar.vault.is_some() {
+        out.push(Service::Broker);
+    }
+    out
+}
+
+/// The supervisor's pid (= its process group) for a container.
+pub fn pid_file(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("supervisor.pid")
+}
+
+/// The container's init pid, written by the `createRuntime` hook.
+pub fn container_pid_file(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("container.pid")
+}
+
+/// The supervisor's log: its stderr and its children's.
+pub fn log_file(sidecar_path: &Path, container: &str) -> Option<PathBuf> {
+    crate::hook::state_root(sidecar_path)
+        .map(|root| root.join("logs").join(format!("{container}.log")))
+}

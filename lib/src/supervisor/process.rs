@@ -1,0 +1,189 @@
+//! Starting and stopping the supervisor from the hooks, with the pid file as the handle and
+//! a recycle guard: a pid is only signalled while `/proc/PID/cmdline` still names the
+//! supervisor of this very sidecar.
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use super::{SupervisorError, pid_file};
+use crate::fsutil;
+
+/// The fd number on which the supervisor finds its ready pipe.
+pub const READY_FD: i32 = 3;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Io { what, source }
+}
+
+/// Is `pid` the supervisor of `sidecar`?
+fn is_ours(pid: i32, sidecar: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let sidecar = sidecar.as_os_str().as_encoded_bytes();
+    args.first()
+        .is_some_and(|a0| a0.ends_with(b"terok-supervisor"))
+        && args.contains(&sidecar)
+}
+
+fn read_pid(file: &Path) -> Option<i32> {
+    std::fs::read_to_string(file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 1)
+}
+
+/// Stop the supervisor recorded in `runtime_dir` (its whole process group), waiting at most
+/// `grace` before SIGKILL. Returns whether one was running.
+pub fn stop(runtime_dir: &Path, sidecar: &Path, grace: Duration) -> bool {
+    let file = pid_file(runtime_dir);
+    let Some(pid) = read_pid(&file) else {
+        let _ = fsutil::remove_file_if_exists(&file);
+        return false;
+    };
+    let running = is_ours(pid, sidecar);
+    if running {
+        let group = Pid::from_raw(pid);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while killpg(group, None).is_ok() {
+            if Instant::now() >= deadline {
+                let _ = killpg(group, Signal::SIGKILL);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let _ = fsutil::remove_file_if_exists(&file);
+    running
+}
+
+/// Spawn the supervisor for a container, fully detached, and wait up to `timeout` for it to
+/// report that every service listens. Returns its pid.
+pub fn spawn(
+    program: &Path,
+    sidecar: &Path,
+    netns: &Path,
+    runtime_dir: &Path,
+    log: Option<PathBuf>,
+    timeout: Duration,
+) -> Result<u32, SupervisorError> {
+    // A supervisor left from an earlier start of this container (poststop skipped) goes first.
+    stop(runtime_dir, sidecar, Duration::from_millis(500));
+    fsutil::ensure_private_dir(runtime_dir, true)
+        .map_err(io(format!("create {}", runtime_dir.display())))?;
+    // The init pid of an earlier start would look like an already dead container.
+    let _ = fsutil::remove_file_if_exists(&super::container_pid_file(runtime_dir));
+    let log_file = log.as_ref().and_then(|path| {
+        if let Some(dir) = path.parent() {
+            let _ = fsutil::ensure_private_dir(dir, false);
+        }
+        OpenOptions::new().create(true).append(true).open(path).ok()
+    });
+    let (output, err_output) = match log_file {
+        Some(f) => {
+            let err = f
+                .try_clone()
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null());
+            (Stdio::from(f), err)
+        }
+        None => (Stdio::null(), Stdio::null()),
+    };
+    let (ready_r, ready_w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| SupervisorError::Io {
+        what: "create the ready pipe".into(),
+        source: e.into(),
+    })?;
+    let write_fd = ready_w.as_raw_fd();
+    let mut cmd = Command::new(program);
+    cmd.arg("run")
+        .arg("--sidecar")
+        .arg(sidecar)
+        .arg("--netns")
+        .arg(netns)
+        .env_clear()
+        .env(
+            "TEROK_LOG",
+            std::env::var("TEROK_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(output)
+        .stderr(err_output);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The ready pipe becomes fd 3 (dup2 clears CLOEXEC); nothing else leaks: above
+            // all not podman's config pipe, which would stall podman.
+            if libc::dup2(write_fd, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_close_range, READY_FD as u32 + 1, u32::MAX, 0u32);
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(io(format!("start {}", program.display())))?;
+    drop(ready_w);
+    let pid = child.id();
+    fsutil::write_atomic(&pid_file(runtime_dir), format!("{pid}\n").as_bytes(), 0o600)
+        .map_err(io("record the supervisor's pid"))?;
+    // Not waited for: it outlives us and is re-parented when we exit.
+    std::mem::forget(child);
+    wait_ready(ready_r, timeout)?;
+    Ok(pid)
+}
+
+fn wait_ready(fd: OwnedFd, timeout: Duration) -> Result<(), SupervisorError> {
+    let mut fds = [PollFd::new(
+        std::os::fd::AsFd::as_fd(&fd),
+        PollFlags::POLLIN,
+    )];
+    let ms = PollTimeout::from(timeout.as_millis().min(60_000) as u16);
+    match poll(&mut fds, ms) {
+        Ok(0) => {
+            return Err(SupervisorError::Protocol(format!(
+                "not ready within {timeout:?}"
+            )));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return Err(SupervisorError::Io {
+                what: "wait for the supervisor".into(),
+                source: e.into(),
+            });
+        }
+    }
+    let mut byte = [0u8; 1];
+    match nix::unistd::read(&fd, &mut byte) {
+        Ok(1) if byte[0] == b'R' => Ok(()),
+        _ => Err(SupervisorError::Protocol(
+            "it exited before its services were listening (see its log)".into(),
+        )),
+    }
+}
+
+/// Tell the hook that every service listens (the supervisor side of the ready pipe).
+pub fn signal_ready() {
+    // SAFETY: fd 3 is the ready pipe the hook handed us; written once and closed.
+    unsafe {
+        let _ = libc::write(READY_FD, b"R".as_ptr().cast(), 1);
+        libc::close(READY_FD);
+    }
+}

@@ -1,0 +1,206 @@
+//! The supervisor process: bind, report ready, keep the service children alive, and end
+//! with the container.
+
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use super::{Service, SupervisorError, container_pid_file, netns, process, services};
+use crate::sidecar::Sidecar;
+
+/// The fd on which a service child finds its listening socket.
+pub const LISTENER_FD: i32 = 3;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Io { what, source }
+}
+
+/// `terok-supervisor run`: everything from binding to teardown.
+pub fn run(sidecar_path: &Path, netns_path: &Path) -> Result<(), SupervisorError> {
+    let sidecar = Sidecar::load(sidecar_path)?;
+    let wanted = services(&sidecar);
+    let addrs: Vec<_> = wanted.iter().map(|s| s.addr()).collect();
+    let listeners = netns::bind_tcp(netns_path, &addrs)?;
+    process::signal_ready();
+    tracing::info!(
+        container = %sidecar.container_name,
+        services = ?wanted.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        "listening in the container's network namespace"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("start the runtime"))?;
+    runtime.block_on(supervise(
+        sidecar_path,
+        sidecar,
+        netns_path,
+        wanted.into_iter().zip(listeners).collect(),
+    ))
+}
+
+async fn supervise(
+    sidecar_path: &Path,
+    sidecar: Sidecar,
+    netns_path: &Path,
+    services: Vec<(Service, TcpListener)>,
+) -> Result<(), SupervisorError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let exe = std::env::current_exe().map_err(io("find our own executable"))?;
+    let mut keepers = Vec::new();
+    for (service, listener) in services {
+        keepers.push(tokio::spawn(keep_alive(
+            exe.clone(),
+            sidecar_path.to_owned(),
+            service,
+            listener,
+            stop_rx.clone(),
+        )));
+    }
+    let mut term = signal(SignalKind::terminate()).map_err(io("handle SIGTERM"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("handle SIGINT"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io("handle SIGHUP"))?;
+    tokio::select! {
+        why = container_gone(&sidecar.runtime_dir, netns_path) => {
+            tracing::info!(container = %sidecar.container_name, "container gone ({why}); tearing down");
+        }
+        _ = term.recv() => tracing::info!("SIGTERM; tearing down"),
+        _ = int.recv() => tracing::info!("SIGINT; tearing down"),
+        _ = hup.recv() => tracing::info!("SIGHUP; tearing down"),
+    }
+    let _ = stop_tx.send(true);
+    for keeper in keepers {
+        let _ = keeper.await;
+    }
+    let _ = crate::fsutil::remove_file_if_exists(&container_pid_file(&sidecar.runtime_dir));
+    Ok(())
+}
+
+/// Run one service child, restarting it with back-off until told to stop. The listening
+/// socket stays open here, so clients wait in its backlog while a child restarts.
+async fn keep_alive(
+    exe: PathBuf,
+    sidecar: PathBuf,
+    service: Service,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let fd = listener.as_raw_fd();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("service")
+            .arg(service.name())
+            .arg("--sidecar")
+            .arg(&sidecar)
+            .env_clear()
+            .env(
+                "TEROK_LOG",
+                std::env::var("TEROK_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .kill_on_drop(true);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, LISTENER_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Die with the supervisor, whatever kills it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                Ok(())
+            });
+        }
+        let started = std::time::Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(service = service.name(), "cannot start: {e}");
+                if sleep_or_stop(&mut stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let exited = tokio::select! {
+            status = child.wait() => Some(status),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(status) = exited else {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+            return;
+        };
+        if *stop.borrow() {
+            return;
+        }
+        tracing::warn!(
+            service = service.name(),
+            ?status,
+            "service child exited; restarting"
+        );
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(100);
+        }
+        if sleep_or_stop(&mut stop, backoff).await {
+            return;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Sleep, unless told to stop first (then `true`).
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+/// Resolves when the container is gone: its init process (pid from the createRuntime hook)
+/// exited, or its network namespace was removed by podman.
+async fn container_gone(runtime_dir: &Path, netns: &Path) -> &'static str {
+    let pid_file = container_pid_file(runtime_dir);
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|p| *p > 1)
+        {
+            break pid;
+        }
+        if !netns.exists() {
+            return "network namespace removed";
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if raw < 0 {
+        return if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            "init process already gone"
+        } else {
+            // No pidfd: poll for the process.
+            while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            "init process exited"
+        };
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: we own the pidfd and keep it registered only inside this AsyncFd.
+    match unsafe { AsyncFd::register(pidfd) } {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+            "init process exited"
+        }
+        Err(_) => "init process unwatchable",
+    }
+}

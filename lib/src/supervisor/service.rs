@@ -1,0 +1,58 @@
+//! A service child of the supervisor: it inherits its listening socket on fd 3, resolves
+//! what it needs before confinement (the passphrase helper may have to run a program), then
+//! confines itself and serves.
+
+use std::net::TcpListener;
+use std::os::fd::FromRawFd;
+use std::path::Path;
+
+use super::harden::{self, Lane};
+use super::run::LISTENER_FD;
+use super::{Service, SupervisorError};
+use crate::sidecar::Sidecar;
+
+/// `terok-supervisor service NAME --sidecar PATH`.
+pub fn run(service: Service, sidecar_path: &Path) -> Result<(), SupervisorError> {
+    // Orphaned before we could arm PDEATHSIG: the supervisor is gone, so are we.
+    if nix::unistd::getppid().as_raw() == 1 {
+        return Err(SupervisorError::Protocol("orphaned at start".into()));
+    }
+    let sidecar = Sidecar::load(sidecar_path)?;
+    // SAFETY: the supervisor dup'ed our listening socket to this fd before exec.
+    let listener = unsafe { TcpListener::from_raw_fd(LISTENER_FD) };
+    match service {
+        Service::Broker => broker(listener, &sidecar),
+    }
+}
+
+fn broker(listener: TcpListener, sidecar: &Sidecar) -> Result<(), SupervisorError> {
+    let vault = sidecar
+        .vault
+        .clone()
+        .ok_or_else(|| SupervisorError::Protocol("the broker needs a vault plan".into()))?;
+    // Resolve the passphrase while programs may still run and config is readable.
+    let passphrase = match vault.chain().resolve(false) {
+        Ok(Some((secret, tier))) => {
+            tracing::info!(%tier, "vault passphrase resolved");
+            Some(secret)
+        }
+        Ok(None) => {
+            tracing::error!(
+                "the vault is locked (no passphrase tier resolved); requests will wait"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::error!("vault passphrase: {e}");
+            None
+        }
+    };
+    let mut lane = Lane {
+        read: harden::system_read_paths(),
+        write: vec![vault.dir.clone()],
+    };
+    lane.read.push(vault.routes.clone());
+    tracing::info!("{}", harden::confine(&lane));
+    super::broker_child::serve(listener, sidecar, &vault, passphrase)
+        .map_err(|e| SupervisorError::Protocol(format!("broker: {e}")))
+}
