@@ -5,6 +5,7 @@
 //! only parse arguments, set up logging and map errors to exit codes. Each command module
 //! exports its clap definitions and handlers so any front end can compose them.
 
+pub mod broker;
 pub mod config;
 pub mod fsutil;
 pub mod hook;
