@@ -71,7 +71,11 @@ impl VEnv {
     }
 
     fn cmd(&self, bin: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(terok_e2e::bin(bin));
+        self.cmd_program(&terok_e2e::bin(bin), args)
+    }
+
+    fn cmd_program(&self, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -640,9 +644,77 @@ fn systemd_creds_tier_seals_and_unseals_through_setup() {
 }
 
 #[test]
+fn keyring_tier_round_trips_through_a_real_secret_service() {
+    let missing: Vec<&str> = ["dbus-run-session", "gnome-keyring-daemon", "secret-tool"]
+        .into_iter()
+        .filter(|t| terok::podman::which(t).is_none())
+        .collect();
+    if !missing.is_empty() {
+        assert!(
+            !in_ci(),
+            "keyring tier test cannot run in CI: missing {missing:?} (apt-get install dbus gnome-keyring libsecret-tools)"
+        );
+        eprintln!("SKIP: keyring tier test needs {missing:?}");
+        return;
+    }
+    let env = VEnv::new();
+    env.config("credentials:\n  use_keyring: false\n");
+    let script = env.p("keyring.sh");
+    let admin = terok_e2e::bin("terok-admin");
+    let d = env.p("");
+    fs::write(
+        &script,
+        format!(
+            "set -e\n\
+             printf 'unlock' | gnome-keyring-daemon --unlock --components=secrets >/dev/null 2>&1\n\
+             A={admin}\nD={d}\n\
+             $A setup --no-register --hooks-dir $D/hooks --passphrase-tier keyring --echo-passphrase > $D/setup.out\n\
+             $A vault status --json > $D/status.json\n\
+             $A vault list --json > $D/list.json\n\
+             secret-tool lookup service terok-sandbox username credentials-db > $D/stored.txt\n\
+             $A vault passphrase acknowledge > /dev/null\n\
+             $A vault lock > $D/lock.out\n\
+             $A vault status --json > $D/status2.json\n",
+            admin = admin.display(),
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let out = env
+        .cmd_program(
+            Path::new("dbus-run-session"),
+            &["--", "sh", script.to_str().unwrap()],
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |f: &str| fs::read_to_string(env.p(f)).unwrap();
+    let minted = read("setup.out")
+        .lines()
+        .find_map(|l| l.strip_prefix("Vault passphrase: "))
+        .unwrap()
+        .to_owned();
+    assert_eq!(read("stored.txt").trim_end(), minted);
+    // setup recorded the choice, even over the explicit `false` it found.
+    assert!(read("cfg/config.yml").contains("use_keyring: true"));
+    let status: Value = serde_json::from_str(&read("status.json")).unwrap();
+    assert_eq!(status["passphrase_source"], "keyring");
+    assert_eq!(status["state"], "unlocked");
+    serde_json::from_str::<Value>(&read("list.json")).unwrap();
+    assert!(read("lock.out").contains("cleared keyring entry"));
+    let after: Value = serde_json::from_str(&read("status2.json")).unwrap();
+    assert_eq!(after["state"], "locked");
+    Db::open(&env.db(), &minted, OpenMode::Existing).unwrap();
+}
+
+#[test]
 fn keyring_tier_degrades_cleanly_without_a_session_bus() {
-    // No Secret Service can be started on this machine (no gnome-keyring / D-Bus session
-    // packages), so the tier is not claimed: this shows it stays out of the way.
+    // Without a session bus (the usual headless case) the tier stays out of the way.
     let env = VEnv::new();
     env.config("credentials:\n  use_keyring: true\n");
     let status: Value =
@@ -1117,4 +1189,140 @@ fn a_container_without_scope_never_opens_the_vault_and_a_locked_vault_blocks_sco
     let e = fails(out, "scoped prepare on a locked vault");
     assert!(e.contains("phantom tokens of scope proj"), "{e}");
     assert!(!env.p(&format!("root/sandbox/sidecar/{name}.json")).exists());
+}
+
+// ---- migrations from the oldest schema ---------------------------------------------------------
+
+/// `ssh-keygen -p` rewrites a PKCS#8 key in OpenSSH's own format: the format v0 stored.
+fn to_openssh_pem(dir: &Path, name: &str, pkcs8_der: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8_der);
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(chunk).unwrap());
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    let file = dir.join(name);
+    fs::write(&file, pem).unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-p", "-P", "", "-N", "", "-f"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh-keygen (openssh-client) is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let converted = fs::read(&file).unwrap();
+    assert!(contains(&converted, "BEGIN OPENSSH PRIVATE KEY"));
+    converted
+}
+
+/// id, key_type, private_der, public_blob, comment, fingerprint
+type KeyRow = (i64, String, Vec<u8>, Vec<u8>, String, String);
+
+#[test]
+fn a_v0_vault_migrates_to_v4_with_the_originals_key_bytes() {
+    let env = VEnv::new();
+    env.copy_fixture();
+    // The original's own v4 rows are the expected result of migrating their v0 form.
+    let db = Db::open(&env.db(), FIXTURE_PW, OpenMode::Existing).unwrap();
+    let keys: Vec<KeyRow> = {
+        let mut s = db
+            .connection()
+            .prepare("SELECT id, key_type, private_der, public_blob, comment, fingerprint FROM ssh_keys ORDER BY id")
+            .unwrap();
+        s.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    };
+    drop(db);
+    assert_eq!(keys.len(), 2);
+    let old = env.p("vault/old.db");
+    {
+        let c = rusqlite::Connection::open(&old).unwrap();
+        c.pragma_update(None, "key", "v0-pass").unwrap();
+        c.execute_batch(
+            "PRAGMA cipher_compatibility = 4;
+             CREATE TABLE credentials (credential_set TEXT NOT NULL, provider TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (credential_set, provider));
+             CREATE TABLE ssh_keys (id INTEGER PRIMARY KEY AUTOINCREMENT, key_type TEXT NOT NULL, private_pem BLOB NOT NULL, public_blob BLOB NOT NULL, comment TEXT NOT NULL DEFAULT '', fingerprint TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL DEFAULT (datetime('now')));
+             CREATE TABLE ssh_key_assignments (scope TEXT NOT NULL, key_id INTEGER NOT NULL REFERENCES ssh_keys(id) ON DELETE CASCADE, assigned_at TEXT NOT NULL DEFAULT (datetime('now')), PRIMARY KEY (scope, key_id));
+             CREATE TABLE proxy_tokens (token TEXT PRIMARY KEY, scope TEXT NOT NULL, task TEXT NOT NULL, credential_set TEXT NOT NULL, provider TEXT NOT NULL);
+             CREATE TABLE ssh_keys_version (v INTEGER);
+             INSERT INTO credentials VALUES ('default', 'claude', '{\"type\":\"oauth\",\"access_token\":\"at-v0\"}');
+             INSERT INTO credentials VALUES ('default', 'gh', '{\"token\":\"ghp-v0\"}');
+             INSERT INTO proxy_tokens VALUES ('terok-p-00112233445566778899aabbccddeeff', 'demo', 'task-1', 'default', 'claude');",
+        )
+        .unwrap();
+        for (id, kind, der, blob, comment, _) in &keys {
+            // The ed25519 key is the fixture's own OpenSSH file (ssh-keygen 9.2 cannot read an
+            // ed25519 PKCS#8 key); the RSA key is converted by ssh-keygen.
+            let pem = if kind == "ed25519" {
+                fs::read(Path::new(FIXTURE).join("keys/id_ed25519")).unwrap()
+            } else {
+                to_openssh_pem(env.p("").as_path(), &format!("key{id}"), der)
+            };
+            let hex: String = {
+                use sha2::Digest;
+                sha2::Sha256::digest(blob)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            };
+            c.execute(
+                "INSERT INTO ssh_keys (id, key_type, private_pem, public_blob, comment, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![id, kind, pem, blob, comment, hex],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO ssh_key_assignments (scope, key_id) VALUES ('demo', ?1)",
+                [id],
+            )
+            .unwrap();
+        }
+    }
+    let db = Db::open(&old, "v0-pass", OpenMode::Existing).unwrap();
+    assert_eq!(db.user_version().unwrap(), 4);
+    for (id, kind, der, _, comment, fingerprint) in &keys {
+        let (got_der, got_fp, got_comment): (Vec<u8>, String, String) = db
+            .connection()
+            .query_row(
+                "SELECT private_der, fingerprint, comment FROM ssh_keys WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(&got_der, der, "{kind} key {id}: PKCS#8 bytes differ");
+        assert_eq!(&got_fp, fingerprint);
+        assert_eq!(&got_comment, comment);
+    }
+    let listed = db.list_ssh_keys_for_scope("demo").unwrap();
+    assert_eq!(listed.len(), 2);
+    let tokens = db.list_tokens().unwrap();
+    assert_eq!(
+        (tokens[0].subject.as_str(), tokens[0].provider.as_str()),
+        ("task-1", "anthropic")
+    );
+    assert_eq!(
+        db.list_credentials("default").unwrap(),
+        ["anthropic", "github"]
+    );
+    drop(db);
+    // Re-opening the migrated vault is a no-op.
+    let again = Db::open(&old, "v0-pass", OpenMode::Existing).unwrap();
+    assert_eq!(again.user_version().unwrap(), 4);
 }
