@@ -102,7 +102,9 @@ pub struct AuditLog {
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").field("path", &self.path).finish()
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -226,8 +228,22 @@ mod tests {
             credential_set: "default".into(),
             provider: "p".into(),
         };
-        log.record(&Entry::new(Some(&info), "GET", "/v1/x", 200, Outcome::Ok, 3));
-        log.record(&Entry::new(None, "POST", "/", 401, Outcome::MissingToken, 0));
+        log.record(&Entry::new(
+            Some(&info),
+            "GET",
+            "/v1/x",
+            200,
+            Outcome::Ok,
+            3,
+        ));
+        log.record(&Entry::new(
+            None,
+            "POST",
+            "/",
+            401,
+            Outcome::MissingToken,
+            0,
+        ));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()

@@ -198,8 +198,14 @@ mod tests {
     #[test]
     fn token_extraction() {
         let t = |pairs: &[(&str, &str)]| extract_token(&headers(pairs));
-        assert_eq!(t(&[("Authorization", "Bearer abc")]).as_deref(), Some("abc"));
-        assert_eq!(t(&[("authorization", "token  \t abc")]).as_deref(), Some("abc"));
+        assert_eq!(
+            t(&[("Authorization", "Bearer abc")]).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            t(&[("authorization", "token  \t abc")]).as_deref(),
+            Some("abc")
+        );
         assert_eq!(t(&[("X-Api-Key", "abc")]).as_deref(), Some("abc"));
         assert_eq!(t(&[("PRIVATE-TOKEN", "abc")]).as_deref(), Some("abc"));
         assert_eq!(
@@ -247,14 +253,19 @@ mod tests {
         assert!(injection(&json!({"type": "api_key", "key": ""}), &api).is_none());
         assert!(injection(&json!({"type": "api_key", "key": "a\nb"}), &api).is_none());
 
-        let gl = route(json!({"upstream": "https://x", "auth_header": "PRIVATE-TOKEN", "auth_prefix": ""}));
+        let gl = route(
+            json!({"upstream": "https://x", "auth_header": "PRIVATE-TOKEN", "auth_prefix": ""}),
+        );
         let i = injection(&json!({"type": "pat", "token": "T"}), &gl).unwrap();
         assert_eq!(i.header.as_str(), "private-token");
         assert_eq!(i.value, "T");
 
         let dy = route(json!({"upstream": "https://x", "auth_header": "dynamic"}));
         let i = injection(&json!({"key": "K"}), &dy).unwrap();
-        assert_eq!((i.header.as_str(), i.value.to_str().unwrap()), ("x-api-key", "K"));
+        assert_eq!(
+            (i.header.as_str(), i.value.to_str().unwrap()),
+            ("x-api-key", "K")
+        );
         // OAuth ignores the route's header.
         let i = injection(&json!({"access_token": "A"}), &dy).unwrap();
         assert_eq!(i.header, header::AUTHORIZATION);
@@ -264,7 +275,8 @@ mod tests {
 
     #[test]
     fn oauth_extra_headers_merge_by_exact_value() {
-        let r = route(json!({"upstream": "https://x", "oauth_extra_headers": {"anthropic-beta": "x"}}));
+        let r =
+            route(json!({"upstream": "https://x", "oauth_extra_headers": {"anthropic-beta": "x"}}));
         let oauth = injection(&json!({"type": "oauth", "access_token": "A"}), &r).unwrap();
         let mut h = headers(&[("anthropic-beta", "x-preview")]);
         inject(&mut h, &oauth, &r);
@@ -290,6 +302,9 @@ mod tests {
             ("upgrade", "WebSocket")
         ])));
         assert!(!is_websocket(&headers(&[("upgrade", "websocket")])));
-        assert!(!is_websocket(&headers(&[("connection", "upgrade"), ("upgrade", "h2c")])));
+        assert!(!is_websocket(&headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "h2c")
+        ])));
     }
 }

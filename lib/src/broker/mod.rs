@@ -70,7 +70,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use audit::{AuditLog, audit_path};
-pub use routes::{Route, RouteEnv, Routes, RoutesError, default_routes, routes_path, write_default_routes};
+pub use routes::{
+    Route, RouteEnv, Routes, RoutesError, default_routes, routes_path, write_default_routes,
+};
 pub use store::{MemoryStore, StoreError, TokenInfo, TokenStore, VaultStore};
 
 /// The port the broker listens on inside every container's network namespace.
@@ -78,7 +80,9 @@ pub const BROKER_PORT: u16 = 9419;
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
-    #[error("CA file {path}: {detail}; point ca_file (or SSL_CERT_FILE) at a PEM certificate bundle")]
+    #[error(
+        "CA file {path}: {detail}; point ca_file (or SSL_CERT_FILE) at a PEM certificate bundle"
+    )]
     CaFile { path: PathBuf, detail: String },
     #[error(transparent)]
     Routes(#[from] RoutesError),

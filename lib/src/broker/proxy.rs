@@ -10,12 +10,12 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 
+use super::Broker;
 use super::audit::{Entry, Outcome};
 use super::headers::{self, Injection};
 use super::routes::{Route, Upstream};
 use super::store::TokenInfo;
 use super::upstream::{self, IdleTimeout, ProxyBody};
-use super::Broker;
 use crate::vault::store::mask_token;
 
 /// Redirect hops the broker follows before giving up.
@@ -83,7 +83,11 @@ pub(super) async fn handle(broker: Arc<Broker>, req: Request<Incoming>) -> Respo
     let (resp, outcome) = match proxy(&broker, req, &mut info).await {
         Ok(resp) => (resp, Outcome::Ok),
         Err(reject) => {
-            let line = format!("{method} {path} -> {} {}", reject.status.as_u16(), reject.message);
+            let line = format!(
+                "{method} {path} -> {} {}",
+                reject.status.as_u16(),
+                reject.message
+            );
             if reject.status.is_server_error() {
                 tracing::error!("{line}");
             } else {
@@ -239,7 +243,10 @@ async fn proxy(
 
     let followable = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     let (resp, followed) = if followable && is_redirect(&resp) {
-        (follow(broker, client, &method, uri, &client_headers, resp).await?, true)
+        (
+            follow(broker, client, &method, uri, &client_headers, resp).await?,
+            true,
+        )
     } else {
         (resp, false)
     };
@@ -480,9 +487,18 @@ mod tests {
         };
         assert_eq!(rewrite("https://api.example/v1/jobs/7?x=1"), "/jobs/7?x=1");
         assert_eq!(rewrite("https://API.example/v1"), "/");
-        assert_eq!(rewrite("https://api.example/v10/x"), "https://api.example/v10/x");
-        assert_eq!(rewrite("https://other.example/v1/x"), "https://other.example/v1/x");
-        assert_eq!(rewrite("http://api.example/v1/x"), "http://api.example/v1/x");
+        assert_eq!(
+            rewrite("https://api.example/v10/x"),
+            "https://api.example/v10/x"
+        );
+        assert_eq!(
+            rewrite("https://other.example/v1/x"),
+            "https://other.example/v1/x"
+        );
+        assert_eq!(
+            rewrite("http://api.example/v1/x"),
+            "http://api.example/v1/x"
+        );
         assert_eq!(rewrite("/relative"), "/relative");
     }
 }

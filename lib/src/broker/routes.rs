@@ -243,7 +243,11 @@ fn parse_route(name: &str, spec: &Value) -> Result<Route, String> {
         Some(Value::String(s)) if !s.is_empty() => {
             Upstream::parse(s).map_err(|e| format!("route '{name}': upstream {e}"))?
         }
-        Some(_) => return Err(format!("route '{name}': 'upstream' must be a non-empty string")),
+        Some(_) => {
+            return Err(format!(
+                "route '{name}': 'upstream' must be a non-empty string"
+            ));
+        }
     };
     let optional_string = |key: &str| -> Result<Option<&str>, String> {
         match field(key) {
@@ -263,8 +267,9 @@ fn parse_route(name: &str, spec: &Value) -> Result<Route, String> {
     };
     let auth_prefix = match optional_string("auth_prefix")? {
         Some(p) => {
-            HeaderValue::from_str(p)
-                .map_err(|_| format!("route '{name}': auth_prefix has characters a header cannot carry"))?;
+            HeaderValue::from_str(p).map_err(|_| {
+                format!("route '{name}': auth_prefix has characters a header cannot carry")
+            })?;
             p.to_owned()
         }
         None => default_prefix.to_owned(),
@@ -272,7 +277,9 @@ fn parse_route(name: &str, spec: &Value) -> Result<Route, String> {
     let mut path_upstreams = Vec::new();
     if let Some(value) = field("path_upstreams") {
         let Value::Object(map) = value else {
-            return Err(format!("route '{name}': 'path_upstreams' must be an object"));
+            return Err(format!(
+                "route '{name}': 'path_upstreams' must be an object"
+            ));
         };
         for (prefix, target) in map {
             if !prefix.starts_with('/') {
@@ -296,7 +303,9 @@ fn parse_route(name: &str, spec: &Value) -> Result<Route, String> {
     let mut oauth_extra_headers = Vec::new();
     if let Some(value) = field("oauth_extra_headers") {
         let Value::Object(map) = value else {
-            return Err(format!("route '{name}': 'oauth_extra_headers' must be an object"));
+            return Err(format!(
+                "route '{name}': 'oauth_extra_headers' must be an object"
+            ));
         };
         for (header, v) in map {
             let hname = HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
@@ -308,7 +317,9 @@ fn parse_route(name: &str, spec: &Value) -> Result<Route, String> {
                 ));
             };
             let hvalue = HeaderValue::from_str(v).map_err(|_| {
-                format!("route '{name}': oauth_extra_headers['{header}'] is not a valid header value")
+                format!(
+                    "route '{name}': oauth_extra_headers['{header}'] is not a valid header value"
+                )
             })?;
             oauth_extra_headers.push((hname, hvalue));
         }
@@ -347,7 +358,11 @@ fn parse_route(name: &str, spec: &Value) -> Result<Route, String> {
     let ca_file = match optional_string("ca_file")? {
         None => None,
         Some(p) if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
-        Some(p) => return Err(format!("route '{name}': ca_file '{p}' must be an absolute path")),
+        Some(p) => {
+            return Err(format!(
+                "route '{name}': ca_file '{p}' must be an absolute path"
+            ));
+        }
     };
     Ok(Route {
         provider: name.to_owned(),
@@ -464,7 +479,14 @@ mod tests {
     #[test]
     fn defaults_validate_and_name_their_env() {
         let routes = parse(default_routes()).unwrap();
-        for p in ["anthropic", "openai", "github", "gitlab", "mistral", "openrouter"] {
+        for p in [
+            "anthropic",
+            "openai",
+            "github",
+            "gitlab",
+            "mistral",
+            "openrouter",
+        ] {
             let r = routes.get(p).unwrap();
             assert_eq!(r.upstream.scheme, "https", "{p}");
             assert!(r.env.base_url.is_some() && r.env.api_key.is_some(), "{p}");
@@ -505,9 +527,18 @@ mod tests {
     #[test]
     fn validation_errors_are_one_clear_line() {
         let cases = [
-            (json!({"p": {}}), "Route 'p' missing required 'upstream' field"),
-            (json!({"p": {"upstream": 3}}), "'upstream' must be a non-empty string"),
-            (json!({"p": {"upstream": "ftp://x"}}), "must start with http"),
+            (
+                json!({"p": {}}),
+                "Route 'p' missing required 'upstream' field",
+            ),
+            (
+                json!({"p": {"upstream": 3}}),
+                "'upstream' must be a non-empty string",
+            ),
+            (
+                json!({"p": {"upstream": "ftp://x"}}),
+                "must start with http",
+            ),
             (
                 json!({"p": {"upstream": "https://x", "path_upstreams": []}}),
                 "'path_upstreams' must be an object",
@@ -556,7 +587,10 @@ mod tests {
             assert!(!err.contains('\n'));
         }
         let err = Routes::parse("{", Path::new("/v/routes.json")).unwrap_err();
-        assert!(err.to_string().starts_with("/v/routes.json: not valid JSON"));
+        assert!(
+            err.to_string()
+                .starts_with("/v/routes.json: not valid JSON")
+        );
     }
 
     #[test]

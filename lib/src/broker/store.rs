@@ -68,10 +68,7 @@ impl TokenStore for VaultStore {
     }
 
     fn credential(&self, set: &str, provider: &str) -> Result<Option<Value>, StoreError> {
-        Ok(self
-            .db()
-            .load_credential(set, provider)?
-            .map(Value::Object))
+        Ok(self.db().load_credential(set, provider)?.map(Value::Object))
     }
 }
 

@@ -225,8 +225,14 @@ mod tests {
             r("https://store.example/f?sig=1").as_deref(),
             Some("https://store.example/f?sig=1")
         );
-        assert_eq!(r("//cdn.example/f").as_deref(), Some("https://cdn.example/f"));
-        assert_eq!(r("/x/./y/../z?q").as_deref(), Some("https://api.example/x/z?q"));
+        assert_eq!(
+            r("//cdn.example/f").as_deref(),
+            Some("https://cdn.example/f")
+        );
+        assert_eq!(
+            r("/x/./y/../z?q").as_deref(),
+            Some("https://api.example/x/z?q")
+        );
         assert_eq!(r("c").as_deref(), Some("https://api.example/v1/a/c"));
         assert_eq!(r("../c#frag").as_deref(), Some("https://api.example/v1/c"));
         assert_eq!(r("?y=2").as_deref(), Some("https://api.example/v1/a/b?y=2"));
