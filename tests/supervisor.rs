@@ -160,3 +160,354 @@ fn no_scope_no_supervisor() {
         "something listens on 9419 without a scope"
     );
 }
+
+// ---- the broker, end to end --------------------------------------------------------------
+
+mod upstream {
+    //! A fake provider API on host loopback (std only): records each request's head and
+    //! checks upload bodies against the `seq` stream the container sends.
+
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Clone, Default)]
+    pub struct Seen {
+        pub method: String,
+        pub target: String,
+        pub headers: HashMap<String, String>,
+        pub body_len: usize,
+        pub body_intact: bool,
+    }
+
+    pub struct Upstream {
+        pub port: u16,
+        pub seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    pub fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let _ = handle(stream, &log);
+                });
+            }
+        });
+        Upstream { port, seen }
+    }
+
+    /// The bytes of `seq 1 N`, endlessly (what the container uploads).
+    struct SeqBytes {
+        n: u64,
+        buf: Vec<u8>,
+        pos: usize,
+    }
+
+    impl SeqBytes {
+        fn next(&mut self) -> u8 {
+            if self.pos == self.buf.len() {
+                self.n += 1;
+                self.buf = format!("{}\n", self.n).into_bytes();
+                self.pos = 0;
+            }
+            self.pos += 1;
+            self.buf[self.pos - 1]
+        }
+    }
+
+    fn handle(stream: TcpStream, log: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let mut parts = line.split_whitespace();
+        let mut seen = Seen {
+            method: parts.next().unwrap_or("").to_owned(),
+            target: parts.next().unwrap_or("").to_owned(),
+            ..Seen::default()
+        };
+        loop {
+            line.clear();
+            reader.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                seen.headers
+                    .insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+            }
+        }
+        let mut expected = SeqBytes {
+            n: 0,
+            buf: Vec::new(),
+            pos: 0,
+        };
+        let mut intact = true;
+        let mut len = 0usize;
+        let mut consume = |chunk: &[u8]| {
+            for b in chunk {
+                intact &= *b == expected.next();
+            }
+            len += chunk.len();
+        };
+        if seen
+            .headers
+            .get("transfer-encoding")
+            .is_some_and(|t| t.contains("chunked"))
+        {
+            loop {
+                line.clear();
+                reader.read_line(&mut line)?;
+                let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or("0"), 16)
+                    .unwrap_or(0);
+                if size == 0 {
+                    line.clear();
+                    reader.read_line(&mut line)?;
+                    break;
+                }
+                let mut chunk = vec![0u8; size];
+                reader.read_exact(&mut chunk)?;
+                consume(&chunk);
+                let mut crlf = [0u8; 2];
+                reader.read_exact(&mut crlf)?;
+            }
+        } else if let Some(n) = seen
+            .headers
+            .get("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            let mut left = n;
+            let mut chunk = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let got = reader.read(&mut chunk[..left.min(64 * 1024)])?;
+                if got == 0 {
+                    break;
+                }
+                consume(&chunk[..got]);
+                left -= got;
+            }
+        }
+        seen.body_len = len;
+        seen.body_intact = intact && len > 0;
+        log.lock().unwrap().push(seen);
+        let mut out = stream;
+        out.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")?;
+        Ok(())
+    }
+}
+
+const REAL_KEY: &str = "sk-REAL-e2e-7d1f0c9a55b2";
+
+/// A vault with a real credential for scope `proj`, and routes to the fake upstream.
+fn broker_env(env: &Env, port: u16) {
+    let mut child = env
+        .admin()
+        .args(["credentials", "set", "proj", "anthropic"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{REAL_KEY}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "credentials set: {}", stderr(&out));
+    // A provider with a credential but no route: its token must get 404.
+    let mut child = env
+        .admin()
+        .args(["credentials", "set", "proj", "noroute"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"sk-other\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    std::fs::write(
+        env.vault_dir().join("routes.json"),
+        serde_json::json!({
+            "anthropic": {
+                "upstream": format!("http://127.0.0.1:{port}"),
+                "auth_header": "x-api-key",
+                "auth_prefix": "",
+                "env": {"base_url": "ANTHROPIC_BASE_URL", "api_key": "ANTHROPIC_API_KEY"}
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+}
+
+/// Acceptance 1, 2 and 3 (upload) with a real container: the phantom key in the container's
+/// env reaches the fake upstream as the real credential; the container holds no real
+/// credential anywhere; wrong, missing, revoked tokens get 401, an unrouted provider 404.
+#[test]
+fn phantom_key_reaches_the_upstream_as_the_real_credential() {
+    let _serial = serial();
+    let env = Env::new();
+    let up = upstream::start();
+    broker_env(&env, up.port);
+    let flags = scoped(&env);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let name = env.start_sleeper_with("broker", &flag_refs, &[]);
+
+    let curl = |auth: &str| {
+        let out = env.exec(
+            &name,
+            &format!("curl -sS -o /dev/null -w '%{{http_code}}' {auth} \"$ANTHROPIC_BASE_URL/v1/messages?beta=true&q=a%2Fb\""),
+        );
+        stdout(&out)
+    };
+    assert_eq!(curl("-H \"x-api-key: $ANTHROPIC_API_KEY\""), "200");
+    {
+        let seen = up.seen.lock().unwrap();
+        let req = seen.last().expect("the upstream saw the request");
+        assert_eq!(req.target, "/v1/messages?beta=true&q=a%2Fb");
+        assert_eq!(
+            req.headers.get("x-api-key").map(String::as_str),
+            Some(REAL_KEY)
+        );
+        assert!(
+            !req.headers.values().any(|v| v.contains("terok-p-")),
+            "phantom leaked upstream"
+        );
+    }
+    assert_eq!(
+        curl("-H \"Authorization: Bearer $ANTHROPIC_API_KEY\""),
+        "200"
+    );
+    assert_eq!(curl(""), "401", "missing token");
+    assert_eq!(
+        curl("-H 'x-api-key: terok-p-00000000000000000000000000000000'"),
+        "401",
+        "wrong token"
+    );
+
+    // 50 MiB, chunked, through the broker, intact.
+    let out = env.exec(
+        &name,
+        "seq 1 10000000 | head -c 52428800 | curl -sS -o /dev/null -w '%{http_code}' -H \"x-api-key: $ANTHROPIC_API_KEY\" -H 'Transfer-Encoding: chunked' --data-binary @- \"$ANTHROPIC_BASE_URL/upload\"",
+    );
+    assert_eq!(stdout(&out), "200", "{}", stderr(&out));
+    {
+        let seen = up.seen.lock().unwrap();
+        let up_req = seen
+            .iter()
+            .rev()
+            .find(|s| s.target == "/upload")
+            .expect("upload seen");
+        assert_eq!(up_req.body_len, 52_428_800);
+        assert!(up_req.body_intact, "upload corrupted on the way");
+    }
+
+    // Unknown provider: the token minted for `noroute` (read from the vault by the test).
+    let db = terok::vault::Db::open(
+        &env.vault_dir().join("credentials.db"),
+        "terok-e2e-passphrase",
+        terok::vault::OpenMode::Existing,
+    )
+    .unwrap();
+    let noroute = db
+        .list_tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.subject == name && t.provider == "noroute")
+        .expect("a token for the unrouted provider")
+        .token;
+    drop(db);
+    assert_eq!(curl(&format!("-H 'x-api-key: {noroute}'")), "404");
+
+    // No real credential in the container: its processes' env and argv, its file system
+    // (both read from the host, so the search itself puts no key in the container).
+    assert!(container_holds_no(&env, &name, REAL_KEY.as_bytes()));
+    let inspect = run_ok(env.podman().args(["inspect", &name]));
+    assert!(!inspect.contains(REAL_KEY));
+    assert!(
+        inspect.contains("ANTHROPIC_API_KEY=terok-p-"),
+        "phantom not in the env"
+    );
+
+    // Revoked by cleanup: the running container's token stops working.
+    run_ok(env.terok_run().args(["cleanup", &name]));
+    assert_eq!(
+        curl("-H \"x-api-key: $ANTHROPIC_API_KEY\""),
+        "401",
+        "revoked token still works"
+    );
+}
+
+/// Search every process of the container (environ, cmdline) and its whole root file system
+/// for `needle`; true when it is nowhere.
+fn container_holds_no(env: &Env, name: &str, needle: &[u8]) -> bool {
+    let contains = |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let init = env.pid(name);
+    let pidns = std::fs::read_link(format!("/proc/{init}/ns/pid")).unwrap();
+    let mut procs = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+            .ok()
+            .as_ref()
+            != Some(&pidns)
+        {
+            continue;
+        }
+        procs += 1;
+        for file in ["environ", "cmdline"] {
+            if contains(&std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default()) {
+                eprintln!("found in /proc/{pid}/{file}");
+                return false;
+            }
+        }
+    }
+    assert!(procs > 0, "no process of the container found");
+    let root = run_ok(env.podman().args(["mount", name])).trim().to_owned();
+    let mut stack = vec![std::path::PathBuf::from(&root)];
+    let mut files = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                if !["proc", "sys", "dev"]
+                    .iter()
+                    .any(|d| path == std::path::Path::new(&root).join(d))
+                {
+                    stack.push(path);
+                }
+            } else if meta.is_file() {
+                files += 1;
+                if contains(&std::fs::read(&path).unwrap_or_default()) {
+                    eprintln!("found in {}", path.display());
+                    return false;
+                }
+            }
+        }
+    }
+    let _ = run(env.podman().args(["unmount", name]));
+    assert!(
+        files > 1000,
+        "the container's file system was not searched ({files} files)"
+    );
+    true
+}

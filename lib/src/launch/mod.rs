@@ -30,6 +30,8 @@ pub enum LaunchError {
     Sidecar(#[from] SidecarError),
     #[error(transparent)]
     Podman(#[from] PodmanError),
+    #[error(transparent)]
+    Routes(#[from] crate::broker::RoutesError),
     #[error("cannot mint the phantom tokens of scope {scope}: {source}")]
     Tokens {
         scope: String,
@@ -365,15 +367,42 @@ fn mint_and_write(ctx: &Context, plan: &Plan) -> Result<Vec<String>, LaunchError
         return write(plan);
     };
     let name = &plan.sidecar.container_name;
-    crate::vault::mint_container_tokens(ctx, scope, name, plan.sidecar.broker).map_err(
-        |source| LaunchError::Tokens {
+    // The route table names the variables each provider's own clients read.
+    let routes = match &plan.sidecar.vault {
+        Some(vault) if plan.sidecar.broker => Some(crate::broker::Routes::load(&vault.routes)?),
+        _ => None,
+    };
+    let minted = crate::vault::mint_container_tokens(ctx, scope, name, plan.sidecar.broker)
+        .map_err(|source| LaunchError::Tokens {
             scope: scope.to_owned(),
             source,
-        },
-    )?;
-    write(plan).inspect_err(|_| {
+        })?;
+    let mut flags = write(plan).inspect_err(|_| {
         let _ = crate::vault::revoke_container_tokens(ctx, scope, name);
-    })
+    })?;
+    if let Some(routes) = routes {
+        flags.extend(broker_env(&routes, &minted));
+    }
+    Ok(flags)
+}
+
+/// `-e` flags pointing each provider's client at the broker with its phantom token; never
+/// a real credential.
+fn broker_env(routes: &crate::broker::Routes, minted: &[(String, String)]) -> Vec<String> {
+    let base = format!("http://127.0.0.1:{}", crate::broker::BROKER_PORT);
+    let mut out = Vec::new();
+    for (provider, token) in minted {
+        let Some(route) = routes.get(provider) else {
+            continue;
+        };
+        if let Some(var) = &route.env.base_url {
+            out.extend(["-e".to_owned(), format!("{var}={base}")]);
+        }
+        if let Some(var) = &route.env.api_key {
+            out.extend(["-e".to_owned(), format!("{var}={token}")]);
+        }
+    }
+    out
 }
 
 /// Revoke (scope, container)'s tokens; a vault that cannot be opened gets a warning, never a

@@ -1,26 +1,69 @@
-//! The broker child's serving loop. PLACEHOLDER until the broker library lands: it answers
-//! `/-/health` so the supervisor's plumbing (netns listeners, readiness, restart, teardown)
-//! can be exercised.
+//! The broker child's serving loop: serve at once on the inherited listener, open the vault
+//! in the background (one key derivation, ~160 ms) and hand it to the broker; requests that
+//! come before that wait for it.
 
-use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::sync::Arc;
 
+use crate::broker::{self, Broker, Routes, VaultStore};
 use crate::sidecar::{Sidecar, VaultPlan};
-use crate::vault::Secret;
+use crate::vault::{Db, OpenMode, Secret};
 
 pub fn serve(
     listener: TcpListener,
-    _sidecar: &Sidecar,
-    _vault: &VaultPlan,
-    _passphrase: Option<Secret>,
+    sidecar: &Sidecar,
+    vault: &VaultPlan,
+    passphrase: Option<Secret>,
 ) -> Result<(), String> {
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let mut buf = [0u8; 4096];
-        let _ = stream.read(&mut buf);
-        let _ = stream.write_all(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{\"status\":\"ok\"}",
-        );
-    }
-    Ok(())
+    let routes = Routes::load(&vault.routes).unwrap_or_else(|e| {
+        // A broken table must not crash-loop the child: every provider gets 404 until fixed.
+        tracing::error!("{e}; serving without routes");
+        Routes::empty()
+    });
+    let (broker, store) = Broker::new(
+        routes,
+        Some(vault.audit_log.clone()),
+        Some(sidecar.container_name.clone()),
+    )
+    .map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let db_path = vault.db_path.clone();
+    runtime.block_on(async move {
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let server = tokio::spawn(broker::serve(
+            listener,
+            Arc::new(broker),
+            std::future::pending::<()>(),
+        ));
+        match passphrase {
+            None => store.fail(
+                "the vault is locked: run `terok-admin vault unlock`, then restart the container",
+            ),
+            Some(pw) => {
+                let opened = tokio::task::spawn_blocking(move || {
+                    Db::open(&db_path, &pw, OpenMode::Existing)
+                })
+                .await;
+                match opened {
+                    Ok(Ok(db)) => {
+                        tracing::info!("vault open; broker ready");
+                        store.provide(VaultStore::new(db));
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!("cannot open the vault: {e}");
+                        store.fail(format!("cannot open the vault: {e}"));
+                    }
+                    Err(e) => store.fail(format!("vault open task failed: {e}")),
+                }
+            }
+        }
+        server
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    })
 }

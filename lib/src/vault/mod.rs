@@ -143,27 +143,28 @@ fn name_tier(e: VaultError, tier: Tier) -> VaultError {
 
 /// Mint a container's phantom tokens: its SSH-signer token and, with the broker, one per
 /// provider of the credential set named like the scope. Earlier tokens of the same
-/// (scope, container) are replaced. Never prompts.
+/// (scope, container) are replaced. Never prompts. Returns the broker's (provider, token)
+/// pairs, which go into the container's environment.
 pub fn mint_container_tokens(
     ctx: &Context,
     scope: &str,
     container: &str,
     broker: bool,
-) -> Result<usize, VaultError> {
+) -> Result<Vec<(String, String)>, VaultError> {
     crate::names::scope(scope)?;
     crate::names::container(container)?;
     let (db, _) = open(ctx, false, OpenMode::Create)?;
     db.transaction(|db| {
         db.revoke_tokens(scope, container)?;
         db.create_token(scope, container, scope, "ssh")?;
-        let mut n = 1;
+        let mut minted = Vec::new();
         if broker {
             for provider in db.list_credentials(scope)? {
-                db.create_token(scope, container, scope, &provider)?;
-                n += 1;
+                let token = db.create_token(scope, container, scope, &provider)?;
+                minted.push((provider, token));
             }
         }
-        Ok(n)
+        Ok(minted)
     })
 }
 
