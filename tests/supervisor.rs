@@ -174,7 +174,6 @@ mod upstream {
 
     #[derive(Debug, Clone, Default)]
     pub struct Seen {
-        pub method: String,
         pub target: String,
         pub headers: HashMap<String, String>,
         pub body_len: usize,
@@ -225,10 +224,8 @@ mod upstream {
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut line = String::new();
         reader.read_line(&mut line)?;
-        let mut parts = line.split_whitespace();
         let mut seen = Seen {
-            method: parts.next().unwrap_or("").to_owned(),
-            target: parts.next().unwrap_or("").to_owned(),
+            target: line.split_whitespace().nth(1).unwrap_or("").to_owned(),
             ..Seen::default()
         };
         loop {
