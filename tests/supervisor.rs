@@ -508,3 +508,52 @@ fn container_holds_no(env: &Env, name: &str, needle: &[u8]) -> bool {
     );
     true
 }
+
+/// The janitor (`terok-admin doctor`) reaps a supervisor whose container does not exist, and
+/// leaves the supervisors of live containers alone.
+#[test]
+fn doctor_reaps_supervisors_whose_container_is_gone() {
+    let _serial = serial();
+    let env = Env::new();
+    let flags = scoped(&env);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let live = env.start_sleeper_with("live", &flag_refs, &[]);
+    let ghost = env.name("ghost");
+    run_ok(env.terok_run().args(["prepare", &ghost]).args(&flags));
+    let netns = format!("tk-jan-{}", env.id);
+    run_ok(std::process::Command::new("ip").args(["netns", "add", &netns]));
+    // Detached like the hook does it (re-parented, in a session of its own).
+    let mut cmd = std::process::Command::new("setsid");
+    cmd.arg("--fork")
+        .arg(bin("terok-supervisor"))
+        .arg("run")
+        .arg("--sidecar")
+        .arg(env.sidecar(&ghost))
+        .arg("--netns")
+        .arg(format!("/run/netns/{netns}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    run_ok(&mut cmd);
+    assert!(eventually(Duration::from_secs(5), || supervisor_pids(
+        &env, &ghost
+    )
+    .len()
+        == 2));
+
+    let out = run(env.admin().args(["doctor", "--orphan-grace", "0"]));
+    let text = stdout(&out);
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &netns])
+        .status();
+    assert!(text.contains(&format!("reaped 1: {ghost}")), "{text}");
+    assert!(
+        supervisor_pids(&env, &ghost).is_empty(),
+        "the orphan survived"
+    );
+    assert_eq!(
+        supervisor_pids(&env, &live).len(),
+        2,
+        "a live container's supervisor was reaped"
+    );
+}

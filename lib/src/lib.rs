@@ -7,6 +7,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod doctor;
 pub mod fsutil;
 pub mod hook;
 pub mod launch;

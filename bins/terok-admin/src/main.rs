@@ -1,10 +1,10 @@
-//! terok-admin: setup, uninstall and the operator's verbs (shield, and more to come).
+//! terok-admin: setup, uninstall, doctor and the operator's verbs (shield, vault, credentials).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use terok::logging::{self, Fallback};
-use terok::{Context, setup, shield, vault};
+use terok::{Context, doctor, setup, shield, vault};
 
 #[derive(Parser)]
 #[command(
@@ -32,25 +32,28 @@ enum Command {
     /// Store provider credentials in the vault; encrypt a legacy plaintext DB
     #[command(subcommand)]
     Credentials(vault::CredentialsCommand),
+    /// Check the host and reap supervisors whose container is gone (exit 0/1/2 by worst verdict)
+    Doctor(doctor::DoctorArgs),
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<u8> {
     let ctx = Context::load()?;
     match cli.command {
+        Command::Doctor(args) => return Ok(doctor::run(&ctx, &args) as u8),
         Command::Setup(args) => setup::setup(&ctx, &args)?,
         Command::Uninstall(args) => setup::uninstall(&ctx, &args)?,
         Command::Shield(cmd) => shield::run(&ctx, cmd)?,
         Command::Vault(cmd) => vault::cli::run(&ctx, cmd)?,
         Command::Credentials(cmd) => vault::cli::run_credentials(&ctx, cmd)?,
     }
-    Ok(())
+    Ok(0)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init("terok-admin", "warn", false, Fallback::Stderr);
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("terok-admin: error: {e}");
             ExitCode::FAILURE

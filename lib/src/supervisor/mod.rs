@@ -10,6 +10,7 @@
 
 mod broker_child;
 pub mod harden;
+pub mod janitor;
 pub mod netns;
 pub mod process;
 pub mod run;

@@ -45,6 +45,37 @@ fn read_pid(file: &Path) -> Option<i32> {
         .filter(|p| *p > 1)
 }
 
+/// Whether process group `pgid` still has a member that is not a zombie (a zombie waits for
+/// its parent, which may not be us, and holds nothing).
+pub fn group_alive(pgid: i32) -> bool {
+    if killpg(Pid::from_raw(pgid), None).is_err() {
+        return false;
+    }
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                return false;
+            };
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // After "pid (comm) ": state ppid pgrp …
+                    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+                    let state = fields.next()?;
+                    let pgrp: i32 = fields.nth(1)?.parse().ok()?;
+                    Some(pgrp == pgid && state != "Z" && state != "X")
+                })
+                .unwrap_or(false)
+        })
+}
+
 /// Stop the supervisor recorded in `runtime_dir` (its whole process group), waiting at most
 /// `grace` before SIGKILL. Returns whether one was running.
 pub fn stop(runtime_dir: &Path, sidecar: &Path, grace: Duration) -> bool {
@@ -58,7 +89,7 @@ pub fn stop(runtime_dir: &Path, sidecar: &Path, grace: Duration) -> bool {
         let group = Pid::from_raw(pid);
         let _ = killpg(group, Signal::SIGTERM);
         let deadline = Instant::now() + grace;
-        while killpg(group, None).is_ok() {
+        while group_alive(pid) {
             if Instant::now() >= deadline {
                 let _ = killpg(group, Signal::SIGKILL);
                 break;
