@@ -719,10 +719,11 @@ async fn tls_upstream_with_a_ca_of_our_own() {
     let routes = json!({
         "tls": {"upstream": format!("https://{addr}"), "ca_file": ca_file},
         "untrusted": {"upstream": format!("https://{addr}")},
+        "broken-ca": {"upstream": format!("https://{addr}"), "ca_file": dir.path().join("missing.pem")},
     });
     let b = start_broker(routes, options(None)).await;
     let store = MemoryStore::new();
-    for p in ["tls", "untrusted"] {
+    for p in ["tls", "untrusted", "broken-ca"] {
         store.add_token(&tok(p), info(p, SUBJECT));
         store.set_credential("default", p, api_key(REAL_KEY));
     }
@@ -751,6 +752,14 @@ async fn tls_upstream_with_a_ca_of_our_own() {
     .await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json(), json!({"error": "Upstream request failed"}));
+    // An unreadable ca_file does not stop the broker: that route alone fails.
+    let auth = format!("Bearer {}", tok("broken-ca"));
+    let r = get(
+        &format!("http://{}/v1/secure", b.addr),
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(r.status, 502);
     assert_eq!(state.seen().len(), 1);
 }
 

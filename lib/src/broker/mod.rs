@@ -210,26 +210,35 @@ impl Broker {
         )
     }
 
-    /// Build the broker and the sender through which its store arrives. Fails only on an
-    /// unreadable CA file (a route's `ca_file` or the extra one).
+    /// Build the broker and the sender through which its store arrives. A CA file that
+    /// cannot be read is logged and left out (that route trusts only the bundled roots, so
+    /// a private upstream answers 502), so a bad `ca_file` never stops the broker serving.
+    /// The `Result` is kept for future checks; today it does not fail.
     pub fn with_options(
         routes: Routes,
         options: BrokerOptions,
     ) -> Result<(Broker, StoreSender), BrokerError> {
         let mut extra: Vec<&Path> = Vec::new();
         if let Some(path) = &options.extra_ca_file {
-            extra.push(path);
+            match upstream::root_store(&[path]) {
+                Ok(_) => extra.push(path),
+                Err(e) => tracing::error!("{e}"),
+            }
         }
-        let default_client =
-            upstream::client(upstream::root_store(&extra)?, options.connect_timeout);
+        let base_roots = upstream::root_store(&extra)?;
+        let default_client = upstream::client(base_roots.clone(), options.connect_timeout);
         let mut clients = HashMap::new();
         for route in routes.iter() {
             if let Some(ca) = &route.ca_file {
                 let mut files = extra.clone();
                 files.push(ca);
+                let roots = upstream::root_store(&files).unwrap_or_else(|e| {
+                    tracing::error!("route {}: {e}", route.provider);
+                    base_roots.clone()
+                });
                 clients.insert(
                     route.provider.clone(),
-                    upstream::client(upstream::root_store(&files)?, options.connect_timeout),
+                    upstream::client(roots, options.connect_timeout),
                 );
             }
         }
