@@ -874,3 +874,107 @@ async fn audit_lines_carry_no_secrets() {
     let mode = std::fs::metadata(&audit).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_connection_is_retried_only_for_empty_idempotent_requests() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that drops every connection whose number is in `drop_next` after reading
+    // the request head, and answers the others.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let drop_next = Arc::new(AtomicUsize::new(1));
+    let (c, d) = (connections.clone(), drop_next.clone());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let drop_it = d.swap(0, Ordering::SeqCst) == 1;
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = stream.read(&mut buf).await;
+                if !drop_it {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    let routes = json!({"plain": {"upstream": format!("http://{addr}")}});
+    let b = start_broker(routes, options(None)).await;
+    b.store.provide(memory_store());
+    let phantom = tok("plain");
+    let url = format!("http://{}/v1/x", b.addr);
+
+    let r = get(&url, &[("x-api-key", &phantom)]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body, "ok");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "GET was not retried once"
+    );
+
+    // A POST with a body cannot be replayed: 502, no second connection.
+    drop_next.store(1, Ordering::SeqCst);
+    let before = connections.load(Ordering::SeqCst);
+    let r = request("POST", &url, &[("x-api-key", &phantom)], Some(body("{}"))).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json(), json!({"error": "Upstream disconnected"}));
+    assert_eq!(connections.load(Ordering::SeqCst), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_times_out() {
+    let (up, _state) = fake_upstream().await;
+    let b = start_broker(
+        routes_for(up),
+        BrokerOptions {
+            read_timeout: Duration::from_millis(400),
+            ..options(None)
+        },
+    )
+    .await;
+    b.store.provide(memory_store());
+    // The SSE upstream sends one event and then nothing (never released): the body ends
+    // with an error after the idle timeout instead of hanging.
+    let phantom = tok("plain");
+    let req = Request::get(format!("http://{}/sse", b.addr))
+        .header("x-api-key", &phantom)
+        .body(Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await;
+    let outcome = outcome.expect("the broker kept a stalled body open");
+    assert!(outcome.is_err(), "a stalled body ended cleanly");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // An upstream that never answers at all: 504.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let b = start_broker(
+        json!({"plain": {"upstream": format!("http://{silent_addr}")}}),
+        BrokerOptions {
+            read_timeout: Duration::from_millis(300),
+            ..options(None)
+        },
+    )
+    .await;
+    b.store.provide(memory_store());
+    let r = get(
+        &format!("http://{}/v1/x", b.addr),
+        &[("x-api-key", &phantom)],
+    )
+    .await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json(), json!({"error": "Upstream timed out"}));
+}
