@@ -4,7 +4,8 @@
 //! connection. Run with `cargo bench -p terok --bench broker` (release build).
 //!
 //! Rows: direct; through the broker with an in-memory token store; through the broker with a
-//! real SQLCipher vault (lookup + credential query per request, as in production).
+//! real SQLCipher vault (lookup + credential query per request, as in production); through
+//! a broker in a process of its own (this binary re-executed), whose RSS and PSS are printed.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -143,7 +144,59 @@ fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
 
+/// The broker alone in a child process (this binary re-executed), so its memory can be
+/// read: prints its port, then serves until killed.
+fn child_main(upstream: &str) {
+    let upstream: SocketAddr = upstream.parse().unwrap();
+    runtime().block_on(async move {
+        let routes = Routes::from_value(&json!({
+            "anthropic": {"upstream": format!("http://{upstream}"), "auth_header": "x-api-key", "auth_prefix": ""}
+        }))
+        .unwrap();
+        let (b, sender) = Broker::with_options(
+            routes,
+            BrokerOptions {
+                extra_ca_file: None,
+                ..BrokerOptions::default()
+            },
+        )
+        .unwrap();
+        let store = MemoryStore::new();
+        store.add_token(PHANTOM, token_info());
+        store.set_credential(
+            "default",
+            "anthropic",
+            json!({"type": "api_key", "key": "sk-real"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        sender.provide(store);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        broker::serve(listener, Arc::new(b), std::future::pending::<()>())
+            .await
+            .unwrap();
+    });
+}
+
+/// `(VmRSS, Pss)` of a process in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let field = |file: &str, key: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("status", "VmRSS:"), field("smaps_rollup", "Pss:"))
+}
+
 fn main() {
+    if let Ok(upstream) = std::env::var("TEROK_BENCH_BROKER_CHILD") {
+        return child_main(&upstream);
+    }
     let upstream = start_upstream();
     let memory = start_broker(upstream, || {
         let store = MemoryStore::new();
@@ -180,9 +233,26 @@ fn main() {
         Arc::new(VaultStore::new(db))
     });
 
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("TEROK_BENCH_BROKER_CHILD", upstream.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let separate: SocketAddr = line.trim().parse().unwrap();
+
     let direct = measure(upstream);
     let through_memory = measure(memory);
     let through_vault = measure(vault);
+    let through_child = measure(separate);
+    let (rss, pss) = memory_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
 
     println!("broker overhead: {REQUESTS} sequential small requests (POST, keep-alive), 127.0.0.1");
     println!(
@@ -193,6 +263,7 @@ fn main() {
         ("direct to upstream", &direct),
         ("through broker (memory store)", &through_memory),
         ("through broker (SQLCipher vault)", &through_vault),
+        ("through broker (own process)", &through_child),
     ] {
         let over = s.median.saturating_sub(direct.median);
         println!(
@@ -204,6 +275,12 @@ fn main() {
             ms(over)
         );
     }
+    println!(
+        "broker process after {} requests: RSS {:.1} MiB, PSS {:.1} MiB",
+        WARMUP + REQUESTS,
+        rss as f64 / 1024.0,
+        pss as f64 / 1024.0
+    );
     let over = through_vault.median.saturating_sub(direct.median);
     println!(
         "target: overhead < 0.500 ms — {} ({} ms with the real vault)",
