@@ -67,7 +67,7 @@ impl HookSettings {
     }
 }
 
-/// How long precreate waits for the supervisor's services to listen.
+/// How long createRuntime waits for the supervisor's services to listen.
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The sidecar path from an OCI config's or state's annotations.
@@ -184,7 +184,6 @@ fn start_supervisor(config: &Value, path: &Path, sidecar: &Sidecar, settings: &H
         &netns,
         &sidecar.runtime_dir,
         log,
-        READY_TIMEOUT,
     ) {
         Ok(pid) => tracing::info!(container = %sidecar.container_name, pid, "spawned supervisor"),
         Err(e) => tracing::error!(
@@ -194,7 +193,8 @@ fn start_supervisor(config: &Value, path: &Path, sidecar: &Sidecar, settings: &H
     }
 }
 
-/// `createRuntime`: hand the container's init pid to its supervisor, which ends with it.
+/// `createRuntime`: hand the container's init pid to its supervisor, which ends with it, and
+/// wait until its services listen: the container's first process runs after this hook.
 /// Never fails the container.
 pub fn create_runtime(state: &Value) {
     let Some(path) = sidecar_path(state) else {
@@ -208,6 +208,12 @@ pub fn create_runtime(state: &Value) {
             let file = supervisor::container_pid_file(&sidecar.runtime_dir);
             if let Err(e) = fsutil::write_atomic(&file, format!("{pid}\n").as_bytes(), 0o600) {
                 tracing::error!(container = %sidecar.container_name, "cannot record the container pid: {e}");
+            }
+            if let Err(e) = supervisor::process::wait_ready(&sidecar.runtime_dir, READY_TIMEOUT) {
+                tracing::error!(
+                    container = %sidecar.container_name,
+                    "SUPERVISOR NOT READY, the container starts without its services: {e}"
+                );
             }
         }
         Ok(_) => {}
@@ -252,7 +258,8 @@ pub fn poststop(state: &Value) {
     };
     match Sidecar::load_from_annotation(&path) {
         Ok(sidecar) => {
-            supervisor::process::stop(&sidecar.runtime_dir, &path, Duration::from_millis(300));
+            // `podman stop` waits for this hook: no grace period on its path.
+            supervisor::process::stop(&sidecar.runtime_dir, &path, Duration::ZERO);
             match fsutil::remove_dir_if_exists(&sidecar.runtime_dir) {
                 Ok(_) => {
                     tracing::info!(container = %sidecar.container_name, "poststop: runtime state removed")

@@ -1,8 +1,9 @@
 //! The per-container supervisor.
 //!
-//! `terok-hook precreate` spawns it fully detached (new session, only a ready pipe
-//! inherited) and waits, bounded, for its ready byte: by then every service listens inside
-//! the container's network namespace, so the container's first process can use them. Services
+//! `terok-hook precreate` spawns it fully detached (new session, nothing inherited but
+//! stdio) and `createRuntime` waits, bounded, for its ready file: by then every service
+//! listens inside the container's network namespace, so the container's first process can
+//! use them, and the supervisor started while podman was still creating the container. Services
 //! that hold secrets run in confined child processes that inherit their listening socket; a
 //! crashed child is restarted with back-off while connections wait in the socket's backlog.
 //! The supervisor learns the container's init pid from the `createRuntime` hook and ends,
@@ -72,6 +73,11 @@ pub fn services(sidecar: &Sidecar) -> Vec<Service> {
 /// The supervisor's pid (= its process group) for a container.
 pub fn pid_file(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("supervisor.pid")
+}
+
+/// Created by the supervisor once every service listens.
+pub fn ready_file(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("ready")
 }
 
 /// The container's init pid, written by the `createRuntime` hook.

@@ -3,21 +3,16 @@
 //! supervisor of this very sidecar.
 
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use super::{SupervisorError, pid_file};
+use super::{SupervisorError, pid_file, ready_file};
 use crate::fsutil;
-
-/// The fd number on which the supervisor finds its ready pipe.
-pub const READY_FD: i32 = 3;
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
     let what = what.into();
@@ -76,8 +71,9 @@ pub fn group_alive(pgid: i32) -> bool {
         })
 }
 
-/// Stop the supervisor recorded in `runtime_dir` (its whole process group), waiting at most
-/// `grace` before SIGKILL. Returns whether one was running.
+/// Stop the supervisor recorded in `runtime_dir` (its whole process group): SIGTERM and at
+/// most `grace` before SIGKILL, or SIGKILL at once when `grace` is zero; then wait (briefly)
+/// until the group is gone. Returns whether one was running.
 pub fn stop(runtime_dir: &Path, sidecar: &Path, grace: Duration) -> bool {
     let file = pid_file(runtime_dir);
     let Some(pid) = read_pid(&file) else {
@@ -87,7 +83,14 @@ pub fn stop(runtime_dir: &Path, sidecar: &Path, grace: Duration) -> bool {
     let running = is_ours(pid, sidecar);
     if running {
         let group = Pid::from_raw(pid);
-        let _ = killpg(group, Signal::SIGTERM);
+        // No grace: the supervisor keeps nothing that needs a graceful end (its sockets close,
+        // its children die with it), so SIGKILL at once.
+        let first = if grace.is_zero() {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        };
+        let _ = killpg(group, first);
         let deadline = Instant::now() + grace;
         while group_alive(pid) {
             if Instant::now() >= deadline {
@@ -101,21 +104,23 @@ pub fn stop(runtime_dir: &Path, sidecar: &Path, grace: Duration) -> bool {
     running
 }
 
-/// Spawn the supervisor for a container, fully detached, and wait up to `timeout` for it to
-/// report that every service listens. Returns its pid.
+/// Spawn the supervisor for a container, fully detached (new session, no fd of ours but
+/// stdio), without waiting: it binds while podman goes on creating the container, and the
+/// `createRuntime` hook waits for [`ready_file`] before the container's first process runs.
+/// Returns its pid.
 pub fn spawn(
     program: &Path,
     sidecar: &Path,
     netns: &Path,
     runtime_dir: &Path,
     log: Option<PathBuf>,
-    timeout: Duration,
 ) -> Result<u32, SupervisorError> {
     // A supervisor left from an earlier start of this container (poststop skipped) goes first.
     stop(runtime_dir, sidecar, Duration::from_millis(500));
     fsutil::ensure_private_dir(runtime_dir, true)
         .map_err(io(format!("create {}", runtime_dir.display())))?;
-    // The init pid of an earlier start would look like an already dead container.
+    // Markers of an earlier start would claim readiness or a dead container.
+    let _ = fsutil::remove_file_if_exists(&ready_file(runtime_dir));
     let _ = fsutil::remove_file_if_exists(&super::container_pid_file(runtime_dir));
     let log_file = log.as_ref().and_then(|path| {
         if let Some(dir) = path.parent() {
@@ -133,12 +138,6 @@ pub fn spawn(
         }
         None => (Stdio::null(), Stdio::null()),
     };
-    let (ready_r, ready_w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| SupervisorError::Io {
-        what: "create the ready pipe".into(),
-        source: e.into(),
-    })?;
-    let write_fd = ready_w.as_raw_fd();
     let mut cmd = Command::new(program);
     cmd.arg("run")
         .arg("--sidecar")
@@ -155,13 +154,9 @@ pub fn spawn(
         .stderr(err_output);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
-        cmd.pre_exec(move || {
-            // The ready pipe becomes fd 3 (dup2 clears CLOEXEC); nothing else leaks: above
-            // all not podman's config pipe, which would stall podman.
-            if libc::dup2(write_fd, READY_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::syscall(libc::SYS_close_range, READY_FD as u32 + 1, u32::MAX, 0u32);
+        cmd.pre_exec(|| {
+            // Nothing of podman's leaks, above all not its config pipe, which would stall it.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -171,50 +166,41 @@ pub fn spawn(
     let child = cmd
         .spawn()
         .map_err(io(format!("start {}", program.display())))?;
-    drop(ready_w);
     let pid = child.id();
     fsutil::write_atomic(&pid_file(runtime_dir), format!("{pid}\n").as_bytes(), 0o600)
         .map_err(io("record the supervisor's pid"))?;
     // Not waited for: it outlives us and is re-parented when we exit.
     std::mem::forget(child);
-    wait_ready(ready_r, timeout)?;
     Ok(pid)
 }
 
-fn wait_ready(fd: OwnedFd, timeout: Duration) -> Result<(), SupervisorError> {
-    let mut fds = [PollFd::new(
-        std::os::fd::AsFd::as_fd(&fd),
-        PollFlags::POLLIN,
-    )];
-    let ms = PollTimeout::from(timeout.as_millis().min(60_000) as u16);
-    match poll(&mut fds, ms) {
-        Ok(0) => {
+/// Wait, bounded, until the supervisor of `runtime_dir` reports that every service listens.
+pub fn wait_ready(runtime_dir: &Path, timeout: Duration) -> Result<(), SupervisorError> {
+    let ready = ready_file(runtime_dir);
+    let pid = read_pid(&pid_file(runtime_dir))
+        .ok_or_else(|| SupervisorError::Protocol("no supervisor was started".into()))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready.exists() {
+            return Ok(());
+        }
+        if !group_alive(pid) {
+            return Err(SupervisorError::Protocol(
+                "it exited before its services were listening (see its log)".into(),
+            ));
+        }
+        if Instant::now() >= deadline {
             return Err(SupervisorError::Protocol(format!(
                 "not ready within {timeout:?}"
             )));
         }
-        Ok(_) => {}
-        Err(e) => {
-            return Err(SupervisorError::Io {
-                what: "wait for the supervisor".into(),
-                source: e.into(),
-            });
-        }
-    }
-    let mut byte = [0u8; 1];
-    match nix::unistd::read(&fd, &mut byte) {
-        Ok(1) if byte[0] == b'R' => Ok(()),
-        _ => Err(SupervisorError::Protocol(
-            "it exited before its services were listening (see its log)".into(),
-        )),
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
-/// Tell the hook that every service listens (the supervisor side of the ready pipe).
-pub fn signal_ready() {
-    // SAFETY: fd 3 is the ready pipe the hook handed us; written once and closed.
-    unsafe {
-        let _ = libc::write(READY_FD, b"R".as_ptr().cast(), 1);
-        libc::close(READY_FD);
-    }
+/// Tell the hooks that every service listens (the supervisor's side of [`wait_ready`]).
+pub fn signal_ready(runtime_dir: &Path) -> std::io::Result<()> {
+    // Normally the hook made it; a supervisor started by hand makes it itself.
+    fsutil::ensure_private_dir(runtime_dir, false)?;
+    std::fs::write(ready_file(runtime_dir), b"")
 }

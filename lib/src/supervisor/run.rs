@@ -27,7 +27,7 @@ pub fn run(sidecar_path: &Path, netns_path: &Path) -> Result<(), SupervisorError
     let wanted = services(&sidecar);
     let addrs: Vec<_> = wanted.iter().map(|s| s.addr()).collect();
     let listeners = netns::bind_tcp(netns_path, &addrs)?;
-    process::signal_ready();
+    process::signal_ready(&sidecar.runtime_dir).map_err(io("report readiness"))?;
     tracing::info!(
         container = %sidecar.container_name,
         services = ?wanted.iter().map(|s| s.name()).collect::<Vec<_>>(),
