@@ -26,6 +26,10 @@ use crate::sidecar::Sidecar;
 
 /// Where the broker listens on the container's own loopback.
 pub const BROKER_PORT: u16 = 9419;
+/// Where the git gate listens on the container's own loopback.
+pub const GATE_PORT: u16 = 9418;
+/// The SSH agent's socket, in the per-container runtime dir (mounted at `/run/terok`).
+pub const AGENT_SOCKET: &str = "ssh-agent.sock";
 
 #[derive(Debug, Error)]
 pub enum SupervisorError {
@@ -43,20 +47,53 @@ pub enum SupervisorError {
 /// A service the supervisor runs for a container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Service {
+    /// Credential broker: phantom token in, real credential out.
     Broker,
+    /// SSH agent for the container's scope.
+    Agent,
+    /// Git gate: the per-task mirror over smart HTTP.
+    Gate,
+}
+
+/// Where a service listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// TCP inside the container's network namespace (its own loopback).
+    Tcp(SocketAddr),
+    /// A Unix socket of this name in the per-container runtime directory.
+    Unix(&'static str),
+}
+
+/// Where a service runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// A confined child process of its own: the service holds secrets.
+    Child,
+    /// A task of the supervisor itself.
+    InProcess,
 }
 
 impl Service {
     pub fn name(self) -> &'static str {
         match self {
             Service::Broker => "broker",
+            Service::Agent => "agent",
+            Service::Gate => "gate",
         }
     }
 
-    /// The address it listens on inside the container.
-    pub fn addr(self) -> SocketAddr {
+    pub fn endpoint(self) -> Endpoint {
         match self {
-            Service::Broker => SocketAddr::from((Ipv4Addr::LOCALHOST, BROKER_PORT)),
+            Service::Broker => Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, BROKER_PORT))),
+            Service::Gate => Endpoint::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, GATE_PORT))),
+            Service::Agent => Endpoint::Unix(AGENT_SOCKET),
+        }
+    }
+
+    pub fn placement(self) -> Placement {
+        match self {
+            Service::Broker | Service::Agent => Placement::Child,
+            Service::Gate => Placement::InProcess,
         }
     }
 }

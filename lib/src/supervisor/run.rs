@@ -1,8 +1,8 @@
 //! The supervisor process: bind, report ready, keep the service children alive, and end
 //! with the container.
 
-use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,7 +10,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use super::{Service, SupervisorError, container_pid_file, netns, process, services};
+use super::{
+    Endpoint, Placement, Service, SupervisorError, container_pid_file, netns, process, services,
+};
 use crate::sidecar::Sidecar;
 
 /// The fd on which a service child finds its listening socket.
@@ -25,43 +27,81 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError
 pub fn run(sidecar_path: &Path, netns_path: &Path) -> Result<(), SupervisorError> {
     let sidecar = Sidecar::load(sidecar_path)?;
     let wanted = services(&sidecar);
-    let addrs: Vec<_> = wanted.iter().map(|s| s.addr()).collect();
-    let listeners = netns::bind_tcp(netns_path, &addrs)?;
+    let listeners = bind_all(&sidecar, netns_path, &wanted)?;
     process::signal_ready(&sidecar.runtime_dir).map_err(io("report readiness"))?;
     tracing::info!(
         container = %sidecar.container_name,
         services = ?wanted.iter().map(|s| s.name()).collect::<Vec<_>>(),
-        "listening in the container's network namespace"
+        "listening"
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(io("start the runtime"))?;
-    runtime.block_on(supervise(
-        sidecar_path,
-        sidecar,
-        netns_path,
-        wanted.into_iter().zip(listeners).collect(),
-    ))
+    runtime.block_on(supervise(sidecar_path, sidecar, netns_path, listeners))
+}
+
+/// Bind every service's listener: TCP ones inside the container's network namespace, Unix
+/// ones in the runtime directory (stale sockets replaced).
+fn bind_all(
+    sidecar: &Sidecar,
+    netns_path: &Path,
+    wanted: &[Service],
+) -> Result<Vec<(Service, OwnedFd)>, SupervisorError> {
+    let tcp: Vec<(Service, std::net::SocketAddr)> = wanted
+        .iter()
+        .filter_map(|s| match s.endpoint() {
+            Endpoint::Tcp(addr) => Some((*s, addr)),
+            Endpoint::Unix(_) => None,
+        })
+        .collect();
+    let addrs: Vec<_> = tcp.iter().map(|(_, a)| *a).collect();
+    let mut bound: Vec<(Service, OwnedFd)> = tcp
+        .iter()
+        .map(|(s, _)| *s)
+        .zip(
+            netns::bind_tcp(netns_path, &addrs)?
+                .into_iter()
+                .map(OwnedFd::from),
+        )
+        .collect();
+    for service in wanted {
+        if let Endpoint::Unix(name) = service.endpoint() {
+            let path = sidecar.runtime_dir.join(name);
+            let _ = crate::fsutil::remove_file_if_exists(&path);
+            let listener =
+                UnixListener::bind(&path).map_err(io(format!("listen on {}", path.display())))?;
+            bound.push((*service, OwnedFd::from(listener)));
+        }
+    }
+    Ok(bound)
 }
 
 async fn supervise(
     sidecar_path: &Path,
     sidecar: Sidecar,
     netns_path: &Path,
-    services: Vec<(Service, TcpListener)>,
+    services: Vec<(Service, OwnedFd)>,
 ) -> Result<(), SupervisorError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let exe = std::env::current_exe().map_err(io("find our own executable"))?;
     let mut keepers = Vec::new();
     for (service, listener) in services {
-        keepers.push(tokio::spawn(keep_alive(
-            exe.clone(),
-            sidecar_path.to_owned(),
-            service,
-            listener,
-            stop_rx.clone(),
-        )));
+        keepers.push(match service.placement() {
+            Placement::Child => tokio::spawn(keep_alive(
+                exe.clone(),
+                sidecar_path.to_owned(),
+                service,
+                listener,
+                stop_rx.clone(),
+            )),
+            Placement::InProcess => tokio::spawn(serve_in_process(
+                service,
+                listener,
+                sidecar.clone(),
+                stop_rx.clone(),
+            )),
+        });
     }
     let mut term = signal(SignalKind::terminate()).map_err(io("handle SIGTERM"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("handle SIGINT"))?;
@@ -82,13 +122,28 @@ async fn supervise(
     Ok(())
 }
 
+/// Serve a service that runs inside the supervisor (no secrets) until told to stop.
+async fn serve_in_process(
+    service: Service,
+    listener: OwnedFd,
+    sidecar: Sidecar,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = (&listener, &sidecar);
+    tracing::error!(
+        service = service.name(),
+        "not implemented in this supervisor"
+    );
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// Run one service child, restarting it with back-off until told to stop. The listening
 /// socket stays open here, so clients wait in its backlog while a child restarts.
 async fn keep_alive(
     exe: PathBuf,
     sidecar: PathBuf,
     service: Service,
-    listener: TcpListener,
+    listener: OwnedFd,
     mut stop: watch::Receiver<bool>,
 ) {
     let fd = listener.as_raw_fd();

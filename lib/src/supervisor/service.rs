@@ -3,7 +3,7 @@
 //! confines itself and serves.
 
 use std::net::TcpListener;
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 
 use super::harden::{self, Lane};
@@ -19,9 +19,13 @@ pub fn run(service: Service, sidecar_path: &Path) -> Result<(), SupervisorError>
     }
     let sidecar = Sidecar::load(sidecar_path)?;
     // SAFETY: the supervisor dup'ed our listening socket to this fd before exec.
-    let listener = unsafe { TcpListener::from_raw_fd(LISTENER_FD) };
+    let listener = unsafe { OwnedFd::from_raw_fd(LISTENER_FD) };
     match service {
-        Service::Broker => broker(listener, &sidecar),
+        Service::Broker => broker(TcpListener::from(listener), &sidecar),
+        Service::Agent | Service::Gate => Err(SupervisorError::Protocol(format!(
+            "{} does not run as a child in this supervisor",
+            service.name()
+        ))),
     }
 }
 
