@@ -258,14 +258,7 @@ fn fails_closed_without_nft() {
     assert!(!marker.join("ran").exists(), "the container's command ran");
 
     // Plain `podman run $(terok-run prepare …)`: podman's own error points at the reason.
-    let flags: Vec<String> = serde_json::from_str(&run_ok(env.terok_run().args([
-        "prepare",
-        &name,
-        "--profiles",
-        "t",
-        "--json",
-    ])))
-    .unwrap();
+    let flags = env.prepare_flags(&name, &["--profiles", "t"]);
     let out = run(env
         .podman()
         .arg("run")
@@ -290,14 +283,7 @@ fn fails_closed_with_corrupt_sidecar() {
     let env = Env::new();
     env.write_profile("t", &["192.0.2.10"]);
     let name = env.name("corrupt");
-    let flags: Vec<String> = serde_json::from_str(&run_ok(env.terok_run().args([
-        "prepare",
-        &name,
-        "--profiles",
-        "t",
-        "--json",
-    ])))
-    .unwrap();
+    let flags = env.prepare_flags(&name, &["--profiles", "t"]);
     let sidecar = env.state_dir().join(format!("sidecar/{name}.json"));
     std::fs::write(&sidecar, b"{\"version\": 1, \"container_name\": ").unwrap();
     let out = run(env
@@ -310,8 +296,7 @@ fn fails_closed_with_corrupt_sidecar() {
         !out.status.success(),
         "container started with a corrupt sidecar"
     );
-    let reason =
-        std::fs::read_to_string(env.state_dir().join(format!("logs/{name}.hook-error"))).unwrap();
+    let reason = env.hook_error(&name);
     assert!(reason.contains("corrupt"), "{reason}");
 }
 
@@ -444,14 +429,7 @@ fn host_network_is_refused() {
             .exists()
     );
 
-    let flags: Vec<String> = serde_json::from_str(&run_ok(env.terok_run().args([
-        "prepare",
-        &name,
-        "--profiles",
-        "t",
-        "--json",
-    ])))
-    .unwrap();
+    let flags = env.prepare_flags(&name, &["--profiles", "t"]);
     let out = run(env.podman().arg("run").arg("--rm").args(&flags).args([
         "--network",
         "host",
@@ -462,8 +440,7 @@ fn host_network_is_refused() {
         !out.status.success(),
         "host-network container started shielded-in-name-only"
     );
-    let reason =
-        std::fs::read_to_string(env.state_dir().join(format!("logs/{name}.hook-error"))).unwrap();
+    let reason = env.hook_error(&name);
     assert!(reason.contains("network namespace"), "{reason}");
 }
 

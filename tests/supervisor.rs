@@ -15,6 +15,13 @@ fn scoped(env: &Env) -> Vec<String> {
         .to_vec()
 }
 
+/// A detached scoped container (shield + supervisor + broker) running `sleep`.
+fn scoped_sleeper(env: &Env, base: &str) -> String {
+    let flags = scoped(env);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    env.start_sleeper_with(base, &flag_refs, &[])
+}
+
 fn supervisor_pids(env: &Env, name: &str) -> Vec<u32> {
     pids_with_arg(&env.sidecar(name).display().to_string())
 }
@@ -54,9 +61,7 @@ fn services_listen_before_the_first_process_runs() {
 fn broker_child_restarts_and_supervisor_ends_with_the_container() {
     let _serial = serial();
     let env = Env::new();
-    let flags = scoped(&env);
-    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let name = env.start_sleeper_with("restart", &flag_refs, &[]);
+    let name = scoped_sleeper(&env, "restart");
     assert!(eventually(Duration::from_secs(5), || supervisor_pids(
         &env, &name
     )
@@ -105,9 +110,7 @@ fn supervisor_ends_with_the_container_without_poststop() {
     let env = Env::new();
     // podman never runs our poststop for these containers.
     std::fs::remove_file(env.hooks_dir().join("terok-poststop.json")).unwrap();
-    let flags = scoped(&env);
-    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let name = env.start_sleeper_with("nopost", &flag_refs, &[]);
+    let name = scoped_sleeper(&env, "nopost");
     assert!(eventually(Duration::from_secs(5), || supervisor_pids(
         &env, &name
     )
@@ -126,9 +129,7 @@ fn supervisor_ends_with_the_container_without_poststop() {
 fn restart_comes_back_supervised() {
     let _serial = serial();
     let env = Env::new();
-    let flags = scoped(&env);
-    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let name = env.start_sleeper_with("podrestart", &flag_refs, &[]);
+    let name = scoped_sleeper(&env, "podrestart");
     assert!(stdout(&env.exec(&name, HEALTH)).contains("\"ok\""));
     let before = supervisor_pids(&env, &name);
     run_ok(env.podman().args(["restart", "-t", "0", &name]));
@@ -360,9 +361,7 @@ fn phantom_key_reaches_the_upstream_as_the_real_credential() {
     let env = Env::new();
     let up = upstream::start();
     broker_env(&env, up.port);
-    let flags = scoped(&env);
-    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let name = env.start_sleeper_with("broker", &flag_refs, &[]);
+    let name = scoped_sleeper(&env, "broker");
 
     let curl = |auth: &str| {
         let out = env.exec(

@@ -342,6 +342,23 @@ impl Env {
         name
     }
 
+    /// `terok-run prepare NAME FLAGS --json`: the podman flags it prints.
+    pub fn prepare_flags(&self, name: &str, flags: &[&str]) -> Vec<String> {
+        let out = run_ok(
+            self.terok_run()
+                .args(["prepare", name])
+                .args(flags)
+                .arg("--json"),
+        );
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// Why the hook last refused to start container `name`.
+    pub fn hook_error(&self, name: &str) -> String {
+        fs::read_to_string(self.state_dir().join(format!("logs/{name}.hook-error")))
+            .unwrap_or_default()
+    }
+
     pub fn exec(&self, name: &str, script: &str) -> Output {
         run(self.podman().args(["exec", name, "sh", "-c", script]))
     }
