@@ -40,7 +40,7 @@ impl Rootless {
             .prefix("terok-e2e-bin-")
             .tempdir()
             .unwrap();
-        for name in ["terok-hook", "terok-run", "terok-admin"] {
+        for name in ["terok-hook", "terok-run", "terok-admin", "terok-supervisor"] {
             std::fs::copy(terok_e2e::bin(name), bin.path().join(name)).unwrap();
         }
         run_ok(Command::new("chmod").arg("-R").arg("a+rX").arg(bin.path()));
@@ -133,7 +133,7 @@ fn rootless_setup_and_shielded_run() {
         tar.display()
     ));
     rl.sh(&format!(
-        "mkdir -p $TEROK_ROOT/config/shield/profiles && echo {allowed} > $TEROK_ROOT/config/shield/profiles/t.txt && printf 'shield:\\n  profiles: []\\n' > $TEROK_CONFIG_FILE"
+        "mkdir -p $TEROK_ROOT/config/shield/profiles && echo {allowed} > $TEROK_ROOT/config/shield/profiles/t.txt && printf 'rootless-pw' > $TEROK_ROOT/passphrase && chmod 600 $TEROK_ROOT/passphrase && printf 'shield:\\n  profiles: []\\ncredentials:\\n  use_keyring: false\\n  passphrase_command: /bin/cat %s/passphrase\\n' $TEROK_ROOT > $TEROK_CONFIG_FILE"
     ));
 
     let out = rl.sh(&format!("{} setup --no-vault", rl.bin("terok-admin")));
@@ -184,4 +184,27 @@ fn rootless_setup_and_shielded_run() {
         rl.bin("terok-admin")
     ));
     assert!(status.contains("\"state\":\"up\""), "{status}");
+
+    // Issue 4, rootless: a scoped container's first command reaches its broker on its own
+    // loopback, with a phantom key in its environment.
+    rl.sh(&format!(
+        "echo sk-rootless-real | {} credentials set rl anthropic",
+        rl.bin("terok-admin")
+    ));
+    rl.sh(
+        "printf '{\"anthropic\": {\"upstream\": \"http://127.0.0.1:9\", \"env\": {\"base_url\": \"ANTHROPIC_BASE_URL\", \"api_key\": \"ANTHROPIC_API_KEY\"}}}' > $TEROK_ROOT/vault/routes.json",
+    );
+    let scoped = format!("tk-rl-scoped-{id}");
+    let out = rl.sh(&format!(
+        "podman run --rm $({} prepare {scoped} --scope rl --profiles t) {BUSYBOX_IMAGE} sh -c 'wget -q -O- http://127.0.0.1:9419/-/health; echo; echo $ANTHROPIC_API_KEY | cut -c1-8' 2>&1",
+        rl.bin("terok-run")
+    ));
+    assert!(
+        out.starts_with("{\"status\":\"ok\"}"),
+        "rootless broker not ready: {out}"
+    );
+    assert!(
+        out.contains("terok-p-") && !out.contains("sk-rootless-real"),
+        "{out}"
+    );
 }
