@@ -18,6 +18,7 @@ pub mod podman;
 pub mod setup;
 pub mod shield;
 pub mod sidecar;
+pub mod ssh;
 pub mod supervisor;
 pub mod vault;
 

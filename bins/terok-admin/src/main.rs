@@ -32,6 +32,9 @@ enum Command {
     /// Store provider credentials in the vault; encrypt a legacy plaintext DB
     #[command(subcommand)]
     Credentials(vault::CredentialsCommand),
+    /// SSH keys in the vault: list, add, import, export, link, rename, remove; a host-side agent
+    #[command(subcommand)]
+    Ssh(terok::ssh::SshCommand),
     /// Check the host and reap supervisors whose container is gone (exit 0/1/2 by worst verdict)
     Doctor(doctor::DoctorArgs),
 }
@@ -45,6 +48,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Shield(cmd) => shield::run(&ctx, cmd)?,
         Command::Vault(cmd) => vault::cli::run(&ctx, cmd)?,
         Command::Credentials(cmd) => vault::cli::run_credentials(&ctx, cmd)?,
+        Command::Ssh(cmd) => terok::ssh::cli::run(&ctx, cmd)?,
     }
     Ok(0)
 }

@@ -170,14 +170,35 @@ fn write(plan: &Plan) -> Result<Vec<String>, LaunchError> {
         }
     })?;
     plan.sidecar.save(&plan.sidecar_path)?;
-    Ok(vec![
+    let mut flags = vec![
         "--cap-drop".into(),
         "NET_ADMIN,NET_RAW".into(),
         "--name".into(),
         plan.sidecar.container_name.clone(),
         "--annotation".into(),
         format!("{SIDECAR_ANNOTATION}={}", plan.sidecar_path.display()),
-    ])
+    ];
+    if crate::supervisor::services(&plan.sidecar).contains(&crate::supervisor::Service::Agent) {
+        // podman checks mount sources: the runtime dir must exist before `podman run`.
+        let dir = &plan.sidecar.runtime_dir;
+        fsutil::ensure_private_dir(dir, true).map_err(|source| LaunchError::Io {
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
+        flags.push("-v".into());
+        flags.push(format!(
+            "{}:{}:ro",
+            dir.display(),
+            podman_args::RUNTIME_MOUNT
+        ));
+        flags.push("-e".into());
+        flags.push(format!(
+            "SSH_AUTH_SOCK={}/{}",
+            podman_args::RUNTIME_MOUNT,
+            crate::supervisor::AGENT_SOCKET
+        ));
+    }
+    Ok(flags)
 }
 
 pub fn prepare(ctx: &Context, args: &PrepareArgs) -> Result<(), LaunchError> {

@@ -104,6 +104,9 @@ pub fn services(sidecar: &Sidecar) -> Vec<Service> {
     if sidecar.broker && sidecar.vault.is_some() {
         out.push(Service::Broker);
     }
+    if sidecar.scope.is_some() && sidecar.vault.is_some() {
+        out.push(Service::Agent);
+    }
     out
 }
 

@@ -2,6 +2,7 @@
 //! with the container.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -71,6 +72,9 @@ fn bind_all(
             let _ = crate::fsutil::remove_file_if_exists(&path);
             let listener =
                 UnixListener::bind(&path).map_err(io(format!("listen on {}", path.display())))?;
+            // Only the container's root (rootful root, rootless user-mapped root) connects.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(format!("chmod {}", path.display())))?;
             bound.push((*service, OwnedFd::from(listener)));
         }
     }

@@ -4,6 +4,7 @@
 
 use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 use super::harden::{self, Lane};
@@ -22,7 +23,8 @@ pub fn run(service: Service, sidecar_path: &Path) -> Result<(), SupervisorError>
     let listener = unsafe { OwnedFd::from_raw_fd(LISTENER_FD) };
     match service {
         Service::Broker => broker(TcpListener::from(listener), &sidecar),
-        Service::Agent | Service::Gate => Err(SupervisorError::Protocol(format!(
+        Service::Agent => agent(UnixListener::from(listener), &sidecar),
+        Service::Gate => Err(SupervisorError::Protocol(format!(
             "{} does not run as a child in this supervisor",
             service.name()
         ))),
@@ -59,4 +61,48 @@ fn broker(listener: TcpListener, sidecar: &Sidecar) -> Result<(), SupervisorErro
     tracing::info!("{}", harden::confine(&lane));
     super::broker_child::serve(listener, sidecar, &vault, passphrase)
         .map_err(|e| SupervisorError::Protocol(format!("broker: {e}")))
+}
+
+/// The SSH agent for the container's scope: open the vault before confinement is complete,
+/// then answer on the inherited socket. A vault that cannot be opened leaves the agent
+/// closing every connection (logged), never crash-looping.
+fn agent(listener: UnixListener, sidecar: &Sidecar) -> Result<(), SupervisorError> {
+    let (Some(vault), Some(scope)) = (sidecar.vault.clone(), sidecar.scope.clone()) else {
+        return Err(SupervisorError::Protocol(
+            "the ssh agent needs a scope and a vault plan".into(),
+        ));
+    };
+    let passphrase = match vault.chain().resolve(false) {
+        Ok(Some((secret, tier))) => {
+            tracing::info!(%tier, "vault passphrase resolved");
+            Some(secret)
+        }
+        Ok(None) => {
+            tracing::error!(
+                "the vault is locked (no passphrase tier resolved); the ssh agent offers no keys"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::error!("vault passphrase: {e}");
+            None
+        }
+    };
+    let lane = Lane {
+        read: harden::system_read_paths(),
+        write: vec![vault.dir.clone()],
+    };
+    tracing::info!("{}", harden::confine(&lane));
+    let db = passphrase.and_then(|pw| {
+        crate::vault::Db::open(&vault.db_path, &pw, crate::vault::OpenMode::Existing)
+            .map_err(|e| tracing::error!("cannot open the vault: {e}"))
+            .ok()
+    });
+    tracing::info!(%scope, vault_open = db.is_some(), "ssh agent ready");
+    let source = std::sync::Arc::new(crate::ssh::agent::KeySource {
+        db: db.map(std::sync::Mutex::new),
+        scope,
+    });
+    crate::ssh::agent::serve(listener, source)
+        .map_err(|e| SupervisorError::Protocol(format!("ssh agent: {e}")))
 }

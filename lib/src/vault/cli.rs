@@ -438,7 +438,7 @@ fn credential_rows(db: &Db) -> Result<Vec<CredentialRow>, VaultError> {
     Ok(rows)
 }
 
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
