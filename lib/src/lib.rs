@@ -9,6 +9,7 @@ pub mod broker;
 pub mod config;
 pub mod doctor;
 pub mod fsutil;
+pub mod gate;
 pub mod hook;
 pub mod launch;
 pub mod logging;

@@ -103,6 +103,15 @@ pub struct Sidecar {
     /// Present when the container has a scope (its services use the vault).
     #[serde(default)]
     pub vault: Option<VaultPlan>,
+    /// The project whose gate mirror the container clones from and pushes to (its scope).
+    #[serde(default)]
+    pub project: Option<String>,
+    /// Where the gate mirrors live (`<state>/gate`).
+    #[serde(default)]
+    pub gate_dir: Option<PathBuf>,
+    /// The one token the container's gate accepts (`terok-g-<32 hex>`, basic-auth user).
+    #[serde(default)]
+    pub gate_token: Option<String>,
 }
 
 impl Sidecar {
@@ -123,7 +132,18 @@ impl Sidecar {
         if let Some(scope) = &self.scope {
             names::scope(scope).map_err(|e| corrupt(e.to_string()))?;
         }
-        for p in [&self.run_state_dir, &self.runtime_dir] {
+        if let Some(project) = &self.project {
+            names::project(project).map_err(|e| corrupt(e.to_string()))?;
+        }
+        if let Some(token) = &self.gate_token
+            && !crate::gate::is_token_shaped(token)
+        {
+            return Err(corrupt("gate_token is not a gate token".into()));
+        }
+        for p in [&self.run_state_dir, &self.runtime_dir]
+            .into_iter()
+            .chain(self.gate_dir.as_ref())
+        {
             if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
                 return Err(corrupt(format!(
                     "{} is not a clean absolute path",
@@ -208,6 +228,9 @@ mod tests {
             gate: true,
             broker: false,
             vault: None,
+            project: Some("proj".into()),
+            gate_dir: Some(dir.join("gate")),
+            gate_token: Some(crate::gate::mint_token().unwrap()),
         }
     }
 

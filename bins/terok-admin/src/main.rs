@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use terok::logging::{self, Fallback};
-use terok::{Context, doctor, setup, shield, vault};
+use terok::{Context, doctor, gate, setup, shield, vault};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,9 @@ enum Command {
     /// SSH keys in the vault: list, add, import, export, link, rename, remove; a host-side agent
     #[command(subcommand)]
     Ssh(terok::ssh::SshCommand),
+    /// The git gate: per-project mirrors agents clone from and push to
+    #[command(subcommand)]
+    Gate(gate::cli::GateCommand),
     /// Check the host and reap supervisors whose container is gone (exit 0/1/2 by worst verdict)
     Doctor(doctor::DoctorArgs),
 }
@@ -49,6 +52,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Vault(cmd) => vault::cli::run(&ctx, cmd)?,
         Command::Credentials(cmd) => vault::cli::run_credentials(&ctx, cmd)?,
         Command::Ssh(cmd) => terok::ssh::cli::run(&ctx, cmd)?,
+        Command::Gate(cmd) => gate::cli::run(&ctx, cmd)?,
     }
     Ok(0)
 }

@@ -32,6 +32,8 @@ pub enum LaunchError {
     Podman(#[from] PodmanError),
     #[error(transparent)]
     Routes(#[from] crate::broker::RoutesError),
+    #[error(transparent)]
+    Gate(#[from] crate::gate::GateError),
     #[error("cannot mint the phantom tokens of scope {scope}: {source}")]
     Tokens {
         scope: String,
@@ -141,6 +143,13 @@ fn plan(ctx: &Context, name: &str, flags: &LaunchFlags) -> Result<Plan, LaunchEr
         })
     };
     let scoped = flags.scope.is_some();
+    let gate = scoped && !flags.no_gate;
+    // The gate's project is the scope, as in the original.
+    let gate_token = if gate {
+        Some(crate::gate::mint_token()?)
+    } else {
+        None
+    };
     Ok(Plan {
         sidecar: Sidecar {
             version: sidecar::VERSION,
@@ -149,9 +158,12 @@ fn plan(ctx: &Context, name: &str, flags: &LaunchFlags) -> Result<Plan, LaunchEr
             run_state_dir: ctx.paths.run_state(name),
             runtime_dir: ctx.paths.container_runtime(name),
             shield,
-            gate: scoped && !flags.no_gate,
+            gate,
             broker: scoped && !flags.no_broker,
             vault: scoped.then(|| sidecar::VaultPlan::from_ctx(ctx)),
+            project: flags.scope.clone().filter(|_| gate),
+            gate_dir: gate.then(|| ctx.paths.gate_dir()),
+            gate_token,
         },
         sidecar_path: ctx.paths.sidecar(name),
         unresolved,
@@ -404,7 +416,27 @@ fn mint_and_write(ctx: &Context, plan: &Plan) -> Result<Vec<String>, LaunchError
     if let Some(routes) = routes {
         flags.extend(broker_env(&routes, &minted));
     }
+    flags.extend(gate_env(ctx, &plan.sidecar));
     Ok(flags)
+}
+
+/// `-e` flags of the gate: the clone URL with the token as user, and the token. A scope
+/// whose gate the operator has not created gets an empty one, so the agent can push.
+fn gate_env(ctx: &Context, sidecar: &Sidecar) -> Vec<String> {
+    let (Some(project), Some(token)) = (&sidecar.project, &sidecar.gate_token) else {
+        return Vec::new();
+    };
+    if let Err(e) = crate::gate::mirror::ensure(&ctx.paths.gate_dir(), project) {
+        eprintln!(
+            "warning: no gate mirror for {project} ({e}); create it with `terok-admin gate init {project}`"
+        );
+    }
+    vec![
+        "-e".to_owned(),
+        format!("TEROK_GATE_URL={}", crate::gate::url(token, project)),
+        "-e".to_owned(),
+        format!("TEROK_GATE_TOKEN={token}"),
+    ]
 }
 
 /// `-e` flags pointing each provider's client at the broker with its phantom token; never

@@ -107,6 +107,13 @@ pub fn services(sidecar: &Sidecar) -> Vec<Service> {
     if sidecar.scope.is_some() && sidecar.vault.is_some() {
         out.push(Service::Agent);
     }
+    if sidecar.gate
+        && sidecar.gate_token.is_some()
+        && sidecar.project.is_some()
+        && sidecar.gate_dir.is_some()
+    {
+        out.push(Service::Gate);
+    }
     out
 }
 

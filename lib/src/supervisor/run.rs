@@ -133,12 +133,37 @@ async fn serve_in_process(
     sidecar: Sidecar,
     mut stop: watch::Receiver<bool>,
 ) {
-    let _ = (&listener, &sidecar);
-    tracing::error!(
-        service = service.name(),
-        "not implemented in this supervisor"
-    );
-    let _ = stop.wait_for(|s| *s).await;
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    match service {
+        Service::Gate => serve_gate(listener, &sidecar, stopped).await,
+        Service::Broker | Service::Agent => {
+            tracing::error!(service = service.name(), "does not run in-process");
+            stopped.await;
+        }
+    }
+}
+
+/// The git gate on its listener until teardown; a gate that cannot start closes its socket,
+/// so the container's git fails at once instead of hanging.
+async fn serve_gate(listener: OwnedFd, sidecar: &Sidecar, stopped: impl Future<Output = ()>) {
+    let gate = match crate::gate::Gate::from_sidecar(sidecar) {
+        Ok(Some(gate)) => std::sync::Arc::new(gate),
+        Ok(None) => return tracing::error!("gate: the sidecar does not wire a gate"),
+        Err(e) => return tracing::error!("gate: {e}"),
+    };
+    let std_listener = std::net::TcpListener::from(listener);
+    let listener = match std_listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(std_listener))
+    {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("gate: cannot use its socket: {e}"),
+    };
+    if let Err(e) = crate::gate::serve(listener, gate, stopped).await {
+        tracing::error!("gate: {e}");
+    }
 }
 
 /// Run one service child, restarting it with back-off until told to stop. The listening
