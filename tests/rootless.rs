@@ -40,7 +40,13 @@ impl Rootless {
             .prefix("terok-e2e-bin-")
             .tempdir()
             .unwrap();
-        for name in ["terok-hook", "terok-run", "terok-admin", "terok-supervisor"] {
+        for name in [
+            "terok-hook",
+            "terok-run",
+            "terok-admin",
+            "terok-supervisor",
+            "terok-service",
+        ] {
             std::fs::copy(terok_e2e::bin(name), bin.path().join(name)).unwrap();
         }
         run_ok(Command::new("chmod").arg("-R").arg("a+rX").arg(bin.path()));

@@ -22,6 +22,10 @@ fn scoped_sleeper(env: &Env, base: &str) -> String {
     env.start_sleeper_with(base, &flag_refs, &[])
 }
 
+/// Processes of a scoped container's supervisor tree: the supervisor, its broker and its SSH
+/// agent.
+const TREE: usize = 3;
+
 fn supervisor_pids(env: &Env, name: &str) -> Vec<u32> {
     pids_with_arg(&env.sidecar(name).display().to_string())
 }
@@ -66,14 +70,14 @@ fn broker_child_restarts_and_supervisor_ends_with_the_container() {
         &env, &name
     )
     .len()
-        == 2));
+        == TREE));
     let child = *supervisor_pids(&env, &name)
         .iter()
         .find(|p| {
             std::fs::read(format!("/proc/{p}/cmdline"))
                 .unwrap_or_default()
-                .windows(7)
-                .any(|w| w == b"service")
+                .windows(6)
+                .any(|w| w == b"broker")
         })
         .expect("a broker child");
     nix::sys::signal::kill(
@@ -84,7 +88,7 @@ fn broker_child_restarts_and_supervisor_ends_with_the_container() {
     assert!(
         eventually(Duration::from_secs(2), || {
             let pids = supervisor_pids(&env, &name);
-            pids.len() == 2 && !pids.contains(&child)
+            pids.len() == TREE && !pids.contains(&child)
         }),
         "the broker child did not come back within 2 s"
     );
@@ -115,7 +119,7 @@ fn supervisor_ends_with_the_container_without_poststop() {
         &env, &name
     )
     .len()
-        == 2));
+        == TREE));
     run_ok(env.podman().args(["kill", &name]));
     assert!(
         eventually(Duration::from_secs(5), || supervisor_pids(&env, &name)
@@ -140,7 +144,7 @@ fn restart_comes_back_supervised() {
         stderr(&out)
     );
     let after = supervisor_pids(&env, &name);
-    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(after.len(), TREE, "{after:?}");
     assert!(
         after.iter().all(|p| !before.contains(p)),
         "old supervisor survived the restart"
@@ -538,7 +542,7 @@ fn doctor_reaps_supervisors_whose_container_is_gone() {
         &env, &ghost
     )
     .len()
-        == 2));
+        == TREE));
 
     let out = run(env.admin().args(["doctor", "--orphan-grace", "0"]));
     let text = stdout(&out);
@@ -552,7 +556,7 @@ fn doctor_reaps_supervisors_whose_container_is_gone() {
     );
     assert_eq!(
         supervisor_pids(&env, &live).len(),
-        2,
+        TREE,
         "a live container's supervisor was reaped"
     );
 }

@@ -1,13 +1,13 @@
-//! terok-supervisor: the per-container supervisor (`run`, spawned by terok-hook) and its
-//! service children (`service NAME`, spawned by the supervisor). Not meant to be run by
-//! hand except for debugging.
+//! terok-supervisor: the per-container supervisor (`run`, spawned by terok-hook), which
+//! starts and keeps alive its service children (terok-service). Not meant to be run by hand
+//! except for debugging.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use terok::logging::{self, Fallback};
-use terok::supervisor::{self, Service};
+use terok::supervisor;
 
 #[derive(Parser)]
 #[command(
@@ -29,13 +29,6 @@ enum Command {
         #[arg(long)]
         netns: PathBuf,
     },
-    /// Serve one service on the listening socket inherited as fd 3
-    Service {
-        #[arg(value_enum)]
-        name: Service,
-        #[arg(long)]
-        sidecar: PathBuf,
-    },
 }
 
 fn main() -> ExitCode {
@@ -44,7 +37,6 @@ fn main() -> ExitCode {
     logging::init("terok-supervisor", "info", true, Fallback::Stderr);
     let result = match cli.command {
         Command::Run { sidecar, netns } => supervisor::run::run(&sidecar, &netns),
-        Command::Service { name, sidecar } => supervisor::service::run(name, &sidecar),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -88,7 +88,10 @@ async fn supervise(
     services: Vec<(Service, OwnedFd)>,
 ) -> Result<(), SupervisorError> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let exe = std::env::current_exe().map_err(io("find our own executable"))?;
+    // Service children are a binary of their own, next to ours (see bins/terok-service).
+    let exe = std::env::current_exe()
+        .map_err(io("find our own executable"))?
+        .with_file_name("terok-service");
     let mut keepers = Vec::new();
     for (service, listener) in services {
         keepers.push(match service.placement() {
@@ -179,8 +182,7 @@ async fn keep_alive(
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut cmd = tokio::process::Command::new(&exe);
-        cmd.arg("service")
-            .arg(service.name())
+        cmd.arg(service.name())
             .arg("--sidecar")
             .arg(&sidecar)
             .env_clear()

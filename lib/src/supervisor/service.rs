@@ -12,7 +12,7 @@ use super::run::LISTENER_FD;
 use super::{Service, SupervisorError};
 use crate::sidecar::Sidecar;
 
-/// `terok-supervisor service NAME --sidecar PATH`.
+/// `terok-service NAME --sidecar PATH`.
 pub fn run(service: Service, sidecar_path: &Path) -> Result<(), SupervisorError> {
     // Orphaned before we could arm PDEATHSIG: the supervisor is gone, so are we.
     if nix::unistd::getppid().as_raw() == 1 {
