@@ -233,20 +233,7 @@ fn loopback_gate(project: &str) -> LoopGate {
     gate::mirror::init(&gate_dir, "other", None).unwrap();
     let token = gate::mint_token().unwrap();
     let gate = Arc::new(Gate::new(gate_dir.clone(), project, token.clone()).unwrap());
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let g = gate.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            gate::serve(l, g, std::future::pending()).await
-        })
-    });
+    let port = spawn_gate(gate.clone());
     LoopGate {
         _dir: dir,
         gate_dir,
@@ -258,6 +245,16 @@ fn loopback_gate(project: &str) -> LoopGate {
 
 /// Send one raw HTTP/1.1 request; the response's status code.
 fn status(port: u16, request_line: &str, user: Option<&str>) -> u16 {
+    response(port, request_line, user)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Send one raw HTTP/1.1 request; the whole response.
+fn response(port: u16, request_line: &str, user: Option<&str>) -> String {
     use base64::Engine;
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut req = format!("{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
@@ -275,7 +272,69 @@ fn status(port: u16, request_line: &str, user: Option<&str>) -> u16 {
     s.write_all(req.as_bytes()).unwrap();
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    resp.split_whitespace().nth(1).unwrap().parse().unwrap()
+    resp
+}
+
+/// Every git process of a gate runs in a Landlock lane: its own repo, the gate's hooks and
+/// home, the system; another project's mirror is not even readable. (A probe stands in for
+/// git http-backend, placed where the lane lets it be executed.)
+#[test]
+fn git_runs_confined_to_its_own_repo() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate_dir = dir.path().join("gate");
+    gate::mirror::init(&gate_dir, "proj", None).unwrap();
+    gate::mirror::init(&gate_dir, "other", None).unwrap();
+    let probe = gate::hooks_dir(&gate_dir).join("probe");
+    std::fs::write(
+        &probe,
+        "#!/bin/sh\nprintf 'Status: 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\n'\n\
+         cat \"$GIT_PROJECT_ROOT/proj.git/HEAD\" >/dev/null 2>&1 && echo own=read || echo own=denied\n\
+         touch \"$GIT_PROJECT_ROOT/proj.git/probe\" 2>/dev/null && echo own-write=ok || echo own-write=denied\n\
+         cat \"$GIT_PROJECT_ROOT/other.git/HEAD\" >/dev/null 2>&1 && echo other=read || echo other=denied\n\
+         ls \"$GIT_PROJECT_ROOT\" >/dev/null 2>&1 && echo root=listed || echo root=denied\n\
+         touch /tmp/terok-gate-probe-$$ 2>/dev/null && echo tmp=written || echo tmp=denied\n",
+    )
+    .unwrap();
+    run_ok(Command::new("chmod").arg("755").arg(&probe));
+    let token = gate::mint_token().unwrap();
+    let gate = Arc::new(
+        Gate::new(gate_dir.clone(), "proj", token.clone())
+            .unwrap()
+            .with_backend(probe),
+    );
+    let port = spawn_gate(gate);
+    let resp = response(
+        port,
+        "GET /proj.git/info/refs?service=git-upload-pack",
+        Some(&token),
+    );
+    for want in [
+        "own=read",
+        "own-write=ok",
+        "other=denied",
+        "root=denied",
+        "tmp=denied",
+    ] {
+        assert!(resp.contains(want), "{want} missing in:\n{resp}");
+    }
+}
+
+/// Serve a gate on 127.0.0.1 from a thread of its own; its port.
+fn spawn_gate(gate: Arc<Gate>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            gate::serve(l, gate, std::future::pending()).await
+        })
+    });
+    port
 }
 
 /// Acceptance 2 against the front end's own counter: no refused request starts git.

@@ -107,6 +107,13 @@ pub async fn run(
             cmd.env(var, v);
         }
     }
+    if let Some(lane) = &gate.lane {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(lane);
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || crate::supervisor::harden::restrict_self_raw(fd));
+        }
+    }
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -37,6 +37,9 @@ pub struct Gate {
     pub(crate) backend: PathBuf,
     /// How many times git ran (for logs and tests: refused requests never add to it).
     pub(crate) runs: AtomicU64,
+    /// The Landlock lane every git process gets: its own repo writable, the gate's hooks
+    /// and home and the system readable, other projects' mirrors not even readable.
+    pub(crate) lane: Option<std::os::fd::OwnedFd>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -57,12 +60,24 @@ impl Gate {
         let home = home_dir(&gate_dir);
         crate::fsutil::ensure_private_dir(&home, true)
             .map_err(io(format!("create {}", home.display())))?;
+        let mut read = crate::supervisor::harden::system_read_paths();
+        read.extend([hooks_dir(&gate_dir), home.clone()]);
+        let lane = crate::supervisor::harden::ruleset_fd(&crate::supervisor::harden::Lane {
+            read,
+            write: vec![repo_path(&gate_dir, project)?],
+        });
+        if lane.is_none() {
+            tracing::warn!(
+                "gate: no Landlock lane (kernel without Landlock, or no repo yet); git runs unconfined"
+            );
+        }
         Ok(Gate {
             gate_dir,
             project: project.to_owned(),
             token,
             backend: PathBuf::from(super::HTTP_BACKEND),
             runs: AtomicU64::new(0),
+            lane,
         })
     }
 

@@ -60,3 +60,32 @@ pub fn confine(lane: &Lane) -> String {
     };
     format!("no_new_privs={nnp} not_dumpable={nodump} {landlock}")
 }
+
+/// A Landlock ruleset for `lane`, built but not applied, for a process to apply to itself
+/// between fork and exec with [`restrict_self_raw`] (both calls there are plain syscalls,
+/// safe after fork). `None` where the kernel has no Landlock.
+pub fn ruleset_fd(lane: &Lane) -> Option<std::os::fd::OwnedFd> {
+    let abi = ABI::V5;
+    let created = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.create())
+        .and_then(|r| r.add_rules(path_beneath_rules(&lane.read, AccessFs::from_read(abi))))
+        .and_then(|r| r.add_rules(path_beneath_rules(&lane.write, AccessFs::from_all(abi))))
+        .and_then(|r| r.add_rules(path_beneath_rules(["/dev/null"], AccessFs::from_all(abi))))
+        .ok()?;
+    Option::<std::os::fd::OwnedFd>::from(created)
+}
+
+/// `no_new_privs` and `landlock_restrict_self(fd)`: async-signal-safe, for `pre_exec`.
+pub fn restrict_self_raw(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: prctl and landlock_restrict_self take plain integers.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_landlock_restrict_self, fd, 0) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
