@@ -202,7 +202,7 @@ fn rootless_setup_and_shielded_run() {
     );
     let scoped = format!("tk-rl-scoped-{id}");
     let out = rl.sh(&format!(
-        "podman run --rm $({} prepare {scoped} --scope rl --profiles t) {BUSYBOX_IMAGE} sh -c 'wget -q -O- http://127.0.0.1:9419/-/health; echo; echo $ANTHROPIC_API_KEY | cut -c1-8' 2>&1",
+        "podman run --rm $({} prepare {scoped} --scope rl --profiles t) {BUSYBOX_IMAGE} sh -c 'wget -q -O- http://127.0.0.1:9419/-/health; echo; echo $ANTHROPIC_API_KEY | cut -c1-8; wget -q -O- \"http://$TEROK_GATE_TOKEN:x@127.0.0.1:9418/rl.git/info/refs?service=git-upload-pack\" | head -c 40; echo' 2>&1",
         rl.bin("terok-run")
     ));
     assert!(
@@ -213,4 +213,6 @@ fn rootless_setup_and_shielded_run() {
         out.contains("terok-p-") && !out.contains("sk-rootless-real"),
         "{out}"
     );
+    // Issue 6, rootless: the gate answers the container's git with git's own advertisement.
+    assert!(out.contains("# service=git-upload-pack"), "rootless gate: {out}");
 }
