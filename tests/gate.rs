@@ -107,7 +107,7 @@ fn container_clones_pushes_20mb_chunked_and_fetches() {
     let (out, _) = exec_ok(
         &env,
         &name,
-        "git clone -q -b main \"$TEROK_GATE_URL\" /w2; cd /w2; echo more > small; git add small; \
+        "git clone -q \"$TEROK_GATE_URL\" /w2; cd /w2; test \"$(git branch --show-current)\" = main; echo more > small; git add small; \
          git commit -qm small; git push -q origin HEAD:main; git rev-parse HEAD; \
          cd /w; git fetch -q origin; git rev-parse origin/main",
     );

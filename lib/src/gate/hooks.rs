@@ -4,7 +4,8 @@
 //! `post-receive` (POSIX sh, no interpreter on the host beyond git and coreutils): for every
 //! branch that was force-moved or deleted it saves the old tip as
 //! `refs/terok/backup/<branch>/<YYYYmmddTHHMMSSZ>-<old12>` and appends every ref update and
-//! backup to `terok-push.log` in the repo. It always exits 0 (post-receive cannot reject).
+//! backup to `terok-push.log` in the repo; an unborn HEAD follows the first branch pushed.
+//! It always exits 0 (post-receive cannot reject).
 
 use std::path::Path;
 
@@ -19,6 +20,13 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 log="${GIT_DIR:-.}/terok-push.log"
 while read -r old new ref; do
     printf '%s\tpush\t%s\t%s\t%s\n' "$now" "$old" "$new" "$ref" >>"$log"
+    # A gate whose HEAD is unborn (a fresh remoteless one) follows the first branch pushed,
+    # so later clones check it out.
+    case "$ref:$new" in
+    refs/heads/*:*[!0]*)
+        git rev-parse -q --verify HEAD >/dev/null 2>&1 || git symbolic-ref HEAD "$ref" 2>/dev/null
+        ;;
+    esac
     case "$ref" in refs/heads/*) ;; *) continue ;; esac
     case "$old" in *[!0]*) ;; *) continue ;; esac
     case "$new" in
