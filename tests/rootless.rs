@@ -214,5 +214,8 @@ fn rootless_setup_and_shielded_run() {
         "{out}"
     );
     // Issue 6, rootless: the gate answers the container's git with git's own advertisement.
-    assert!(out.contains("# service=git-upload-pack"), "rootless gate: {out}");
+    assert!(
+        out.contains("# service=git-upload-pack"),
+        "rootless gate: {out}"
+    );
 }
