@@ -614,6 +614,42 @@ fn sync_fast_forwards_and_keeps_agent_work_on_upstream_rewrites() {
         run_ok(env.admin().args(["gate", "pending", "proj"])).trim(),
         "No pending ops."
     );
+
+    // An upstream deletion becomes a lossless pending delete; the branch stays until applied.
+    git_ok(&work, &["push", "-q", "origin", ":dev"]);
+    let sync: serde_json::Value = serde_json::from_str(&run_ok(
+        env.admin().args(["gate", "sync", "proj", "--json"]),
+    ))
+    .unwrap();
+    let pending = sync["pending"].as_array().unwrap();
+    assert_eq!(pending.len(), 1, "{sync}");
+    assert_eq!(pending[0]["branch"], "dev");
+    assert_eq!(pending[0]["kind"], "delete");
+    assert_eq!(pending[0]["lossless"], true, "{sync}");
+    assert_eq!(git_ok(&repo, &["rev-parse", "dev"]), dev2);
+    let offline: serde_json::Value = serde_json::from_str(&run_ok(
+        env.admin().args(["gate", "pending", "proj", "--json"]),
+    ))
+    .unwrap();
+    assert_eq!(offline, sync["pending"]);
+    run_ok(
+        env.admin()
+            .args(["gate", "pending", "proj", "--apply", "dev"]),
+    );
+    assert!(
+        !run(git(&repo).args(["rev-parse", "-q", "--verify", "refs/heads/dev"]))
+            .status
+            .success()
+    );
+    let backups = git_ok(
+        &repo,
+        &[
+            "for-each-ref",
+            "--format=%(objectname)",
+            "refs/terok/backup/dev/",
+        ],
+    );
+    assert_eq!(backups, dev2);
 }
 
 /// `gate path` prints a file:// URL and refuses names that are not bare project names.
