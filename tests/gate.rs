@@ -319,6 +319,56 @@ fn git_runs_confined_to_its_own_repo() {
     }
 }
 
+/// A container cannot make the host run more than `MAX_GIT` git processes at once: more
+/// requests wait for a slot and are then served.
+#[test]
+fn concurrent_git_processes_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate_dir = dir.path().join("gate");
+    gate::mirror::init(&gate_dir, "proj", None).unwrap();
+    let probe = gate::hooks_dir(&gate_dir).join("probe");
+    std::fs::write(
+        &probe,
+        "#!/bin/sh\nd=\"$GIT_PROJECT_ROOT/proj.git/probe\"; mkdir -p \"$d\"; touch \"$d/$$\"\n\
+         ls \"$d\" | wc -l >> \"$GIT_PROJECT_ROOT/proj.git/probe.count\"\nsleep 0.3\nrm \"$d/$$\"\n\
+         printf 'Status: 200 OK\\r\\n\\r\\ndone\\n'\n",
+    )
+    .unwrap();
+    run_ok(Command::new("chmod").arg("755").arg(&probe));
+    let token = gate::mint_token().unwrap();
+    let gate = Arc::new(
+        Gate::new(gate_dir.clone(), "proj", token.clone())
+            .unwrap()
+            .with_backend(probe),
+    );
+    let port = spawn_gate(gate.clone());
+    let requests = 3 * gate::http::MAX_GIT;
+    let handles: Vec<_> = (0..requests)
+        .map(|_| {
+            let token = token.clone();
+            std::thread::spawn(move || {
+                response(
+                    port,
+                    "GET /proj.git/info/refs?service=git-upload-pack",
+                    Some(&token),
+                )
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap().contains("done"));
+    }
+    let counts = std::fs::read_to_string(gate_dir.join("proj.git/probe.count")).unwrap();
+    let max = counts
+        .lines()
+        .map(|l| l.trim().parse::<usize>().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(counts.lines().count(), requests);
+    assert!(max <= gate::http::MAX_GIT, "{max} git processes at once");
+    assert!(max > 1, "requests were not served concurrently at all");
+}
+
 /// Serve a gate on 127.0.0.1 from a thread of its own; its port.
 fn spawn_gate(gate: Arc<Gate>) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -118,6 +118,9 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    let Ok(slot) = gate.slots.clone().acquire_owned().await else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "gate shutting down\n");
+    };
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -163,6 +166,7 @@ pub async fn run(
         }
     });
     tokio::spawn(async move {
+        let _slot = slot; // freed when git is gone
         match tokio::time::timeout(MAX_RUN, child.wait()).await {
             Ok(Ok(status)) if !status.success() => {
                 tracing::warn!(run, "git http-backend exited with {status}")

@@ -40,7 +40,13 @@ pub struct Gate {
     /// The Landlock lane every git process gets: its own repo writable, the gate's hooks
     /// and home and the system readable, other projects' mirrors not even readable.
     pub(crate) lane: Option<std::os::fd::OwnedFd>,
+    /// At most [`MAX_GIT`] git processes at a time per container: more requests wait, so a
+    /// container cannot fill the host with processes.
+    pub(crate) slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Concurrent git processes per gate.
+pub const MAX_GIT: usize = 8;
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,6 +84,7 @@ impl Gate {
             backend: PathBuf::from(super::HTTP_BACKEND),
             runs: AtomicU64::new(0),
             lane,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_GIT)),
         })
     }
 
