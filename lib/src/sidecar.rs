@@ -86,7 +86,7 @@ impl VaultPlan {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sidecar {
     pub version: u32,
@@ -112,6 +112,29 @@ pub struct Sidecar {
     /// The one token the container's gate accepts (`terok-g-<32 hex>`, basic-auth user).
     #[serde(default)]
     pub gate_token: Option<String>,
+}
+
+/// Everything but the gate token, which must never reach a log.
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("version", &self.version)
+            .field("container_name", &self.container_name)
+            .field("scope", &self.scope)
+            .field("run_state_dir", &self.run_state_dir)
+            .field("runtime_dir", &self.runtime_dir)
+            .field("shield", &self.shield)
+            .field("gate", &self.gate)
+            .field("broker", &self.broker)
+            .field("vault", &self.vault)
+            .field("project", &self.project)
+            .field("gate_dir", &self.gate_dir)
+            .field(
+                "gate_token",
+                &self.gate_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 impl Sidecar {
@@ -232,6 +255,18 @@ mod tests {
             gate_dir: Some(dir.join("gate")),
             gate_token: Some(crate::gate::mint_token().unwrap()),
         }
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_gate_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sample(dir.path());
+        s.gate_token = Some("terok-g-0123456789abcdef0123456789abcdef".into());
+        let shown = format!("{s:?}");
+        assert!(
+            !shown.contains("0123456789abcdef") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 
     #[test]
