@@ -215,6 +215,15 @@ pub fn serve(listener: UnixListener, source: Arc<KeySource>) -> io::Result<()> {
         let (mut stream, _) = match listener.accept() {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Not a listening socket at all: nothing will ever be accepted.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOTSOCK | libc::EBADF | libc::EINVAL)
+                ) =>
+            {
+                return Err(e);
+            }
             Err(e) => {
                 tracing::error!("accept: {e}");
                 std::thread::sleep(Duration::from_millis(100));

@@ -194,7 +194,12 @@ async fn keep_alive(
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(fd, LISTENER_FD) < 0 {
+                if fd == LISTENER_FD {
+                    // dup2 onto itself keeps FD_CLOEXEC: clear it, or exec closes the socket.
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, LISTENER_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // Die with the supervisor, whatever kills it.
