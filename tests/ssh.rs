@@ -426,6 +426,32 @@ fn verbs_round_trip_and_agree_with_ssh_keygen() {
         admin_err(&env, &["import", "demo", "--private-key", "/nonexistent/k"])
             .contains("Private key not found")
     );
+
+    // A `%` infrastructure scope's key: invisible and untouchable from the verbs.
+    let pw = fs::read_to_string(env.path("passphrase")).unwrap();
+    let db = terok::vault::Db::open(
+        &env.vault_dir().join("credentials.db"),
+        &pw,
+        terok::vault::OpenMode::Existing,
+    )
+    .unwrap();
+    let infra = terok::ssh::keys::generate(terok::ssh::keys::KeyType::Ed25519).unwrap();
+    let (infra_id, _) = terok::ssh::db::store(&db, &infra, "terok-infra:%host").unwrap();
+    terok::ssh::db::assign(&db, "%host", infra_id, true).unwrap();
+    drop(db);
+    let listed = admin_ok(&env, &["list", "--json"]);
+    assert!(!listed.contains("%host") && !listed.contains(&infra.fingerprint));
+    let id = infra_id.to_string();
+    assert!(admin_err(&env, &["link", "demo", "--key-id", &id]).contains("No ssh_keys row"));
+    assert!(admin_err(&env, &["rename", &infra.fingerprint, "x"]).contains("No SSH key matches"));
+    assert!(
+        admin_err(
+            &env,
+            &["remove", "--fingerprint", &infra.fingerprint, "--yes"]
+        )
+        .contains("No keys match")
+    );
+    assert!(admin_err(&env, &["pub", "%host"]).contains("reserved"));
 }
 
 /// Acceptance 4: both keys of the original's vault list, export and sign correctly.

@@ -571,7 +571,11 @@ fn public(ctx: &Context, scope: &str, key_id: Option<i64>, all: bool) -> Result<
 fn link(ctx: &Context, scope: &str, key_id: i64) -> Result<(), SshError> {
     user_scope(scope)?;
     let db = open(ctx)?;
-    if !db::key_exists(&db, key_id)? {
+    // A key of a `%` infrastructure scope is not there as far as the operator's verbs go.
+    let infra = db::all_rows(&db)?
+        .iter()
+        .any(|r| r.id == key_id && r.scope.starts_with('%'));
+    if infra || !db::key_exists(&db, key_id)? {
         return Err(refuse(format!("No ssh_keys row with id={key_id}")));
     }
     let first = db::scope_rows(&db, scope)?.is_empty();
