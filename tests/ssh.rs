@@ -490,6 +490,21 @@ fn fixture_keys_list_export_and_sign() {
     }
     let agent = HostAgent::start(&env, "demo");
     assert_eq!(ssh_add_fps(&agent.socket), fps, "default key first");
+    // Keys are re-read for every connection: a change applies without a restart.
+    admin_ok(&env, &["add", "demo", "--comment", "added-later"]);
+    assert_eq!(ssh_add_fps(&agent.socket).len(), 3);
+    admin_ok(
+        &env,
+        &[
+            "remove",
+            "--scope",
+            "demo",
+            "--comment",
+            "added-later",
+            "--yes",
+        ],
+    );
+    assert_eq!(ssh_add_fps(&agent.socket), fps);
     let msg = env.path("msg");
     fs::write(&msg, "signed through the agent\n").unwrap();
     for (p, algo) in pub_files.iter().zip(["ED25519", "RSA"]) {
