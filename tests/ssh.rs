@@ -677,65 +677,6 @@ fn start_sshd(env: &Env, host: &TestHost, authorized: &str) -> Sshd {
     );
 }
 
-/// Search every process of the container (environ, cmdline) and its whole root file system
-/// for each needle (the approach of tests/supervisor.rs); the needle found, if any.
-fn container_holds_any(env: &Env, name: &str, needles: &[Vec<u8>]) -> Option<String> {
-    let contains = |hay: &[u8]| {
-        needles
-            .iter()
-            .any(|n| hay.windows(n.len()).any(|w| w == n.as_slice()))
-    };
-    let init = env.pid(name);
-    let pidns = fs::read_link(format!("/proc/{init}/ns/pid")).unwrap();
-    let mut procs = 0;
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&pidns) {
-            continue;
-        }
-        procs += 1;
-        for file in ["environ", "cmdline"] {
-            if contains(&fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default()) {
-                return Some(format!("/proc/{pid}/{file}"));
-            }
-        }
-    }
-    assert!(procs > 0, "no process of the container found");
-    let root = run_ok(env.podman().args(["mount", name])).trim().to_owned();
-    let mut stack = vec![PathBuf::from(&root)];
-    let mut files = 0;
-    let mut found = None;
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                if !["proc", "sys", "dev"]
-                    .iter()
-                    .any(|d| path == Path::new(&root).join(d))
-                {
-                    stack.push(path);
-                }
-            } else if meta.is_file() {
-                files += 1;
-                if contains(&fs::read(&path).unwrap_or_default()) {
-                    found = Some(path.display().to_string());
-                }
-            }
-        }
-    }
-    let _ = run(env.podman().args(["unmount", name]));
-    assert!(
-        files > 1000,
-        "the file system was not searched ({files} files)"
-    );
-    found
-}
-
 const SSH_OPTS: &str = "-o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 -p 2222";
 
 #[test]
@@ -879,7 +820,7 @@ fn containers_sign_with_their_scope_keys_only() {
 
     // Acceptance 2: no private key material anywhere in the container.
     let _ = sh("rm -rf /tmp/w");
-    assert_eq!(container_holds_any(&env, &name, &needles), None);
+    assert_eq!(env.container_holds_any(&name, &needles), None);
 
     // Acceptance 3: another scope's container sees only its own keys, and they do not
     // open the sshd that authorizes proj's.
