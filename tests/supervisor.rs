@@ -504,3 +504,42 @@ fn doctor_reaps_supervisors_whose_container_is_gone() {
         "a live container's supervisor was reaped"
     );
 }
+
+/// The runtime directory is the source of the container's /run/terok mount, which podman
+/// checks before any hook runs: poststop empties it but keeps it, so the same prepared flags
+/// start a container again, and a stopped container starts again, with its services.
+#[test]
+fn prepared_flags_and_stopped_containers_start_again() {
+    let _serial = serial();
+    let env = Env::new();
+    let flags = scoped(&env);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let name = env.name("again");
+    let podman_flags = env.prepare_flags(&name, &flag_refs);
+    for round in 0..2 {
+        let out = run(env
+            .podman()
+            .args(["run", "--rm"])
+            .args(&podman_flags)
+            .args([IMAGE, "sh", "-c", HEALTH]));
+        assert!(
+            stdout(&out).contains("\"ok\""),
+            "round {round}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+    }
+    let name = scoped_sleeper(&env, "stopstart");
+    run_ok(env.podman().args(["stop", "-t", "0", &name]));
+    run_ok(env.podman().args(["start", &name]));
+    let out = env.exec(
+        &name,
+        &format!("{HEALTH}; test -S \"$SSH_AUTH_SOCK\" && echo agent-socket"),
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("\"ok\"") && text.contains("agent-socket"),
+        "{text}{}",
+        stderr(&out)
+    );
+}

@@ -79,6 +79,19 @@ pub fn remove_dir_if_exists(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// Remove everything inside `dir` but keep `dir` itself; a missing `dir` is fine.
+pub fn empty_dir(dir: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        remove_dir_if_exists(&entry?.path())?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +111,18 @@ mod tests {
         assert_eq!(fs::read(&target).unwrap(), b"{}");
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn empty_dir_keeps_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("rt");
+        fs::create_dir_all(d.join("sub")).unwrap();
+        fs::write(d.join("sock"), b"").unwrap();
+        empty_dir(&d).unwrap();
+        assert!(d.is_dir());
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+        empty_dir(&dir.path().join("missing")).unwrap();
     }
 
     #[test]

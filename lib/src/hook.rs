@@ -260,8 +260,10 @@ pub fn poststop(state: &Value) {
         Ok(sidecar) => {
             // `podman stop` waits for this hook: no grace period on its path.
             supervisor::process::stop(&sidecar.runtime_dir, &path, Duration::ZERO);
-            match fsutil::remove_dir_if_exists(&sidecar.runtime_dir) {
-                Ok(_) => {
+            // The directory itself stays: it is the source of the container's /run/terok
+            // mount, which podman checks before any hook of the next start runs.
+            match fsutil::empty_dir(&sidecar.runtime_dir) {
+                Ok(()) => {
                     tracing::info!(container = %sidecar.container_name, "poststop: runtime state removed")
                 }
                 Err(e) => tracing::warn!(container = %sidecar.container_name, "poststop: {e}"),

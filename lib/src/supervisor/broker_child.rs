@@ -45,7 +45,7 @@ pub fn serve(
             ),
             Some(pw) => {
                 let opened = tokio::task::spawn_blocking(move || {
-                    Db::open(&db_path, &pw, OpenMode::Existing)
+                    super::at_low_priority(move || Db::open(&db_path, &pw, OpenMode::Existing))
                 })
                 .await;
                 match opened {

@@ -117,6 +117,24 @@ pub fn services(sidecar: &Sidecar) -> Vec<Service> {
     out
 }
 
+/// Run `work` on a short-lived thread of its own at a lower CPU priority (nice +10; on Linux
+/// nice is per thread), and wait for it. Opening the vault costs a key derivation (~150 ms of
+/// CPU) in each service child just as the container starts: it must not take the CPU from
+/// podman and runc on the start path. A thread of its own, because a rootless process cannot
+/// raise a thread's priority back.
+pub fn at_low_priority<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: setpriority on the calling thread (tid) with a valid nice value.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        }
+        work()
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 /// The supervisor's pid (= its process group) for a container.
 pub fn pid_file(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("supervisor.pid")

@@ -93,10 +93,13 @@ fn agent(listener: UnixListener, sidecar: &Sidecar) -> Result<(), SupervisorErro
         write: vec![vault.dir.clone()],
     };
     tracing::info!("{}", harden::confine(&lane));
+    let db_path = vault.db_path.clone();
     let db = passphrase.and_then(|pw| {
-        crate::vault::Db::open(&vault.db_path, &pw, crate::vault::OpenMode::Existing)
-            .map_err(|e| tracing::error!("cannot open the vault: {e}"))
-            .ok()
+        super::at_low_priority(move || {
+            crate::vault::Db::open(&db_path, &pw, crate::vault::OpenMode::Existing)
+        })
+        .map_err(|e| tracing::error!("cannot open the vault: {e}"))
+        .ok()
     });
     tracing::info!(%scope, vault_open = db.is_some(), "ssh agent ready");
     let source = std::sync::Arc::new(crate::ssh::agent::KeySource {
