@@ -467,8 +467,8 @@ fn doctor_reaps_supervisors_whose_container_is_gone() {
     let live = env.start_sleeper_with("live", &flag_refs, &[]);
     let ghost = env.name("ghost");
     run_ok(env.terok_run().args(["prepare", &ghost]).args(&flags));
-    let netns = format!("tk-jan-{}", env.id);
-    run_ok(std::process::Command::new("ip").args(["netns", "add", &netns]));
+    // Deleted even if the test fails: an orphan supervisor then sees its netns go and exits.
+    let netns = TestNetns::new(&format!("tk-jan-{}", env.id));
     // Detached like the hook does it (re-parented, in a session of its own).
     let mut cmd = std::process::Command::new("setsid");
     cmd.arg("--fork")
@@ -477,7 +477,7 @@ fn doctor_reaps_supervisors_whose_container_is_gone() {
         .arg("--sidecar")
         .arg(env.sidecar(&ghost))
         .arg("--netns")
-        .arg(format!("/run/netns/{netns}"))
+        .arg(netns.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -490,9 +490,6 @@ fn doctor_reaps_supervisors_whose_container_is_gone() {
 
     let out = run(env.admin().args(["doctor", "--orphan-grace", "0"]));
     let text = stdout(&out);
-    let _ = std::process::Command::new("ip")
-        .args(["netns", "del", &netns])
-        .status();
     assert!(text.contains(&format!("reaped 1: {ghost}")), "{text}");
     assert!(
         supervisor_pids(&env, &ghost).is_empty(),

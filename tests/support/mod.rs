@@ -608,6 +608,26 @@ impl Drop for TestHost {
     }
 }
 
+/// A bare network namespace of the test's own, deleted when dropped (even on a failure).
+pub struct TestNetns(pub String);
+
+impl TestNetns {
+    pub fn new(name: &str) -> TestNetns {
+        run_ok(Command::new("ip").args(["netns", "add", name]));
+        TestNetns(name.to_owned())
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
 pub struct Server {
     stop: Arc<AtomicBool>,
 }

@@ -258,6 +258,7 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 /// exited, or its network namespace was removed by podman.
 async fn container_gone(runtime_dir: &Path, netns: &Path) -> &'static str {
     let pid_file = container_pid_file(runtime_dir);
+    let started = std::time::Instant::now();
     let pid = loop {
         if let Some(pid) = std::fs::read_to_string(&pid_file)
             .ok()
@@ -269,7 +270,13 @@ async fn container_gone(runtime_dir: &Path, netns: &Path) -> &'static str {
         if !netns.exists() {
             return "network namespace removed";
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The pid comes within milliseconds of a normal start; past that, poll gently.
+        let pause = if started.elapsed() < Duration::from_secs(10) {
+            50
+        } else {
+            1000
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     };
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
