@@ -88,6 +88,10 @@ async fn supervise(
     services: Vec<(Service, OwnedFd)>,
 ) -> Result<(), SupervisorError> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Children start once the container's init exists: their start-up (exec, passphrase,
+    // TLS roots, key derivation) then does not compete with podman and runc for the CPU on
+    // the start path. Their sockets listen already; early clients wait in the backlog.
+    let (started_tx, started_rx) = watch::channel(false);
     // Service children are a binary of their own, next to ours (see bins/terok-service).
     let exe = std::env::current_exe()
         .map_err(io("find our own executable"))?
@@ -100,6 +104,7 @@ async fn supervise(
                 sidecar_path.to_owned(),
                 service,
                 listener,
+                started_rx.clone(),
                 stop_rx.clone(),
             )),
             Placement::InProcess => tokio::spawn(serve_in_process(
@@ -114,7 +119,7 @@ async fn supervise(
     let mut int = signal(SignalKind::interrupt()).map_err(io("handle SIGINT"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io("handle SIGHUP"))?;
     tokio::select! {
-        why = container_gone(&sidecar.runtime_dir, netns_path) => {
+        why = container_gone(&sidecar.runtime_dir, netns_path, &started_tx) => {
             tracing::info!(container = %sidecar.container_name, "container gone ({why}); tearing down");
         }
         _ = term.recv() => tracing::info!("SIGTERM; tearing down"),
@@ -176,8 +181,15 @@ async fn keep_alive(
     sidecar: PathBuf,
     service: Service,
     listener: OwnedFd,
+    mut started: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Bounded, should no createRuntime hook ever report the container's pid.
+    tokio::select! {
+        _ = started.wait_for(|s| *s) => {}
+        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        _ = stop.wait_for(|s| *s) => return,
+    }
     let fd = listener.as_raw_fd();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -256,22 +268,27 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 
 /// Resolves when the container is gone: its init process (pid from the createRuntime hook)
 /// exited, or its network namespace was removed by podman.
-async fn container_gone(runtime_dir: &Path, netns: &Path) -> &'static str {
+async fn container_gone(
+    runtime_dir: &Path,
+    netns: &Path,
+    started: &watch::Sender<bool>,
+) -> &'static str {
     let pid_file = container_pid_file(runtime_dir);
-    let started = std::time::Instant::now();
+    let since = std::time::Instant::now();
     let pid = loop {
         if let Some(pid) = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
             .filter(|p| *p > 1)
         {
+            let _ = started.send(true);
             break pid;
         }
         if !netns.exists() {
             return "network namespace removed";
         }
         // The pid comes within milliseconds of a normal start; past that, poll gently.
-        let pause = if started.elapsed() < Duration::from_secs(10) {
+        let pause = if since.elapsed() < Duration::from_secs(10) {
             50
         } else {
             1000
