@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use landlock::{
-    ABI, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, path_beneath_rules,
+    ABI, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetCreated,
+    RulesetCreatedAttr, RulesetError, RulesetStatus, path_beneath_rules,
 };
 
 /// What a confined child may still touch.
@@ -35,20 +35,24 @@ pub fn system_read_paths() -> Vec<PathBuf> {
     .collect()
 }
 
+/// The Landlock ruleset of `lane` (best effort on older ABIs), not yet applied.
+fn ruleset(lane: &Lane) -> Result<RulesetCreated, RulesetError> {
+    let abi = ABI::V5;
+    Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))?
+        .create()?
+        .add_rules(path_beneath_rules(&lane.read, AccessFs::from_read(abi)))?
+        .add_rules(path_beneath_rules(&lane.write, AccessFs::from_all(abi)))?
+        .add_rules(path_beneath_rules(["/dev/null"], AccessFs::from_all(abi)))
+}
+
 /// Drop what a service child must not have. Returns a one-line summary for the log.
 pub fn confine(lane: &Lane) -> String {
     // SAFETY: prctl with constant, valid arguments.
     let nnp = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } == 0;
     let nodump = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } == 0;
-    let abi = ABI::V5;
-    let landlock = Ruleset::default()
-        .set_compatibility(CompatLevel::BestEffort)
-        .handle_access(AccessFs::from_all(abi))
-        .and_then(|r| r.create())
-        .and_then(|r| r.add_rules(path_beneath_rules(&lane.read, AccessFs::from_read(abi))))
-        .and_then(|r| r.add_rules(path_beneath_rules(&lane.write, AccessFs::from_all(abi))))
-        .and_then(|r| r.add_rules(path_beneath_rules(["/dev/null"], AccessFs::from_all(abi))))
-        .and_then(|r| r.restrict_self());
+    let landlock = ruleset(lane).and_then(|r| r.restrict_self());
     let landlock = match landlock {
         Ok(status) => match status.ruleset {
             RulesetStatus::FullyEnforced => "landlock enforced",
@@ -65,15 +69,7 @@ pub fn confine(lane: &Lane) -> String {
 /// between fork and exec with [`restrict_self_raw`] (both calls there are plain syscalls,
 /// safe after fork). `None` where the kernel has no Landlock.
 pub fn ruleset_fd(lane: &Lane) -> Option<std::os::fd::OwnedFd> {
-    let abi = ABI::V5;
-    let created = Ruleset::default()
-        .set_compatibility(CompatLevel::BestEffort)
-        .handle_access(AccessFs::from_all(abi))
-        .and_then(|r| r.create())
-        .and_then(|r| r.add_rules(path_beneath_rules(&lane.read, AccessFs::from_read(abi))))
-        .and_then(|r| r.add_rules(path_beneath_rules(&lane.write, AccessFs::from_all(abi))))
-        .and_then(|r| r.add_rules(path_beneath_rules(["/dev/null"], AccessFs::from_all(abi))))
-        .ok()?;
+    let created = ruleset(lane).ok()?;
     Option::<std::os::fd::OwnedFd>::from(created)
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use super::harden::{self, Lane};
 use super::run::LISTENER_FD;
 use super::{Service, SupervisorError};
-use crate::sidecar::Sidecar;
+use crate::sidecar::{Sidecar, VaultPlan};
 
 /// `terok-service NAME --sidecar PATH`.
 pub fn run(service: Service, sidecar_path: &Path) -> Result<(), SupervisorError> {
@@ -31,32 +31,42 @@ pub fn run(service: Service, sidecar_path: &Path) -> Result<(), SupervisorError>
     }
 }
 
-fn broker(listener: TcpListener, sidecar: &Sidecar) -> Result<(), SupervisorError> {
-    let vault = sidecar
-        .vault
-        .clone()
-        .ok_or_else(|| SupervisorError::Protocol("the broker needs a vault plan".into()))?;
-    // Resolve the passphrase while programs may still run and config is readable.
-    let passphrase = match vault.chain().resolve(false) {
+/// The vault passphrase through the chain of the sidecar; `None` (logged, with what that
+/// means for this service) when it is locked or a tier fails.
+fn resolve_passphrase(vault: &VaultPlan, when_locked: &str) -> Option<crate::vault::Secret> {
+    match vault.chain().resolve(false) {
         Ok(Some((secret, tier))) => {
             tracing::info!(%tier, "vault passphrase resolved");
             Some(secret)
         }
         Ok(None) => {
-            tracing::error!(
-                "the vault is locked (no passphrase tier resolved); requests will wait"
-            );
+            tracing::error!("the vault is locked (no passphrase tier resolved); {when_locked}");
             None
         }
         Err(e) => {
             tracing::error!("vault passphrase: {e}");
             None
         }
-    };
-    let mut lane = Lane {
+    }
+}
+
+/// What a vault-using service may touch: the system read-only, the vault directory (SQLite's
+/// WAL and shared-memory files, the audit log) read-write.
+fn vault_lane(vault: &VaultPlan) -> Lane {
+    Lane {
         read: harden::system_read_paths(),
         write: vec![vault.dir.clone()],
-    };
+    }
+}
+
+fn broker(listener: TcpListener, sidecar: &Sidecar) -> Result<(), SupervisorError> {
+    let vault = sidecar
+        .vault
+        .clone()
+        .ok_or_else(|| SupervisorError::Protocol("the broker needs a vault plan".into()))?;
+    // Resolve the passphrase while programs may still run and config is readable.
+    let passphrase = resolve_passphrase(&vault, "requests will wait");
+    let mut lane = vault_lane(&vault);
     lane.read.push(vault.routes.clone());
     tracing::info!("{}", harden::confine(&lane));
     super::broker_child::serve(listener, sidecar, &vault, passphrase)
@@ -72,26 +82,8 @@ fn agent(listener: UnixListener, sidecar: &Sidecar) -> Result<(), SupervisorErro
             "the ssh agent needs a scope and a vault plan".into(),
         ));
     };
-    let passphrase = match vault.chain().resolve(false) {
-        Ok(Some((secret, tier))) => {
-            tracing::info!(%tier, "vault passphrase resolved");
-            Some(secret)
-        }
-        Ok(None) => {
-            tracing::error!(
-                "the vault is locked (no passphrase tier resolved); the ssh agent offers no keys"
-            );
-            None
-        }
-        Err(e) => {
-            tracing::error!("vault passphrase: {e}");
-            None
-        }
-    };
-    let lane = Lane {
-        read: harden::system_read_paths(),
-        write: vec![vault.dir.clone()],
-    };
+    let passphrase = resolve_passphrase(&vault, "the ssh agent offers no keys");
+    let lane = vault_lane(&vault);
     tracing::info!("{}", harden::confine(&lane));
     let db_path = vault.db_path.clone();
     let db = passphrase.and_then(|pw| {
