@@ -366,3 +366,27 @@ fn run_hook(stage: &str, input: &[u8]) -> Output {
     child.stdin.take().unwrap().write_all(input).unwrap();
     child.wait_with_output().unwrap()
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_clap_definitions() {
+    for (bin_name, verb) in [("terok-admin", "shield"), ("terok-run", "prepare")] {
+        for (what, marker) in [
+            ("bash", "complete -F"),
+            ("zsh", "#compdef"),
+            ("fish", "complete -c"),
+            ("man", ".TH"),
+        ] {
+            let out = run(Command::new(bin(bin_name)).args(["docs", what]));
+            let text = stdout(&out);
+            assert!(
+                out.status.success(),
+                "{bin_name} docs {what}: {}",
+                stderr(&out)
+            );
+            assert!(
+                text.contains(marker) && text.contains(verb),
+                "{bin_name} docs {what}"
+            );
+        }
+    }
+}

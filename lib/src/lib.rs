@@ -6,6 +6,7 @@
 //! exports its clap definitions and handlers so any front end can compose them.
 
 pub mod broker;
+pub mod clidoc;
 pub mod config;
 pub mod doctor;
 pub mod fsutil;

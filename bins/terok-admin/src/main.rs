@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use terok::logging::{self, Fallback};
-use terok::{Context, doctor, gate, setup, shield, vault};
+use terok::{Context, clidoc, doctor, gate, setup, shield, vault};
 
 #[derive(Parser)]
 #[command(
@@ -40,9 +40,15 @@ enum Command {
     Gate(gate::cli::GateCommand),
     /// Check the host and reap supervisors whose container is gone (exit 0/1/2 by worst verdict)
     Doctor(doctor::DoctorArgs),
+    /// Print shell completions or the man page of terok-admin
+    Docs(clidoc::DocArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Command::Docs(args) = &cli.command {
+        clidoc::emit(Cli::command(), args.what, &mut std::io::stdout().lock())?;
+        return Ok(0);
+    }
     let ctx = Context::load()?;
     match cli.command {
         Command::Doctor(args) => return Ok(doctor::run(&ctx, &args) as u8),
@@ -53,6 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Credentials(cmd) => vault::cli::run_credentials(&ctx, cmd)?,
         Command::Ssh(cmd) => terok::ssh::cli::run(&ctx, cmd)?,
         Command::Gate(cmd) => gate::cli::run(&ctx, cmd)?,
+        Command::Docs(_) => unreachable!("handled before the context is loaded"),
     }
     Ok(0)
 }

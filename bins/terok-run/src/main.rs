@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand};
+use terok::clidoc;
 use terok::launch::{self, LaunchCommand};
 use terok::logging::{self, Fallback};
 
@@ -14,7 +15,15 @@ use terok::logging::{self, Fallback};
 )]
 struct Cli {
     #[command(subcommand)]
-    command: LaunchCommand,
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Launch(LaunchCommand),
+    /// Print shell completions or the man page of terok-run
+    Docs(clidoc::DocArgs),
 }
 
 /// `run` mirrors `podman run`'s exit codes: 125 for our own errors.
@@ -37,9 +46,16 @@ fn main() -> ExitCode {
         }
     };
     logging::init("terok-run", "warn", false, Fallback::Stderr);
-    let result = terok::Context::load()
-        .map_err(anyhow::Error::from)
-        .and_then(|ctx| launch::dispatch(&ctx, &cli.command).map_err(anyhow::Error::from));
+    let result = match &cli.command {
+        Command::Docs(args) => {
+            clidoc::emit(Cli::command(), args.what, &mut std::io::stdout().lock())
+                .map(|()| 0)
+                .map_err(anyhow::Error::from)
+        }
+        Command::Launch(launch_cmd) => terok::Context::load()
+            .map_err(anyhow::Error::from)
+            .and_then(|ctx| launch::dispatch(&ctx, launch_cmd).map_err(anyhow::Error::from)),
+    };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(125)),
         Err(e) => {
