@@ -15,6 +15,7 @@ pub mod hook;
 pub mod launch;
 pub mod logging;
 pub mod names;
+pub mod netutil;
 pub mod paths;
 pub mod podman;
 pub mod setup;

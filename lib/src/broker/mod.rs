@@ -303,15 +303,7 @@ pub async fn serve(
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) if is_transient_accept(&e) => {
-                    tracing::warn!("broker accept: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            },
+            accepted = crate::netutil::accept(&listener, "broker") => accepted?,
         };
         let _ = stream.set_nodelay(true);
         let broker = broker.clone();
@@ -330,15 +322,4 @@ pub async fn serve(
             }
         });
     }
-}
-
-fn is_transient_accept(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
-    ) || matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
