@@ -13,13 +13,9 @@ pub fn serve(
     listener: TcpListener,
     sidecar: &Sidecar,
     vault: &VaultPlan,
+    routes: Routes,
     passphrase: Option<Secret>,
 ) -> Result<(), String> {
-    let routes = Routes::load(&vault.routes).unwrap_or_else(|e| {
-        // A broken table must not crash-loop the child: every provider gets 404 until fixed.
-        tracing::error!("{e}; serving without routes");
-        Routes::empty()
-    });
     let (broker, store) = Broker::new(
         routes,
         Some(vault.audit_log.clone()),

@@ -10,6 +10,7 @@ use std::path::Path;
 use super::harden::{self, Lane};
 use super::run::LISTENER_FD;
 use super::{Service, SupervisorError};
+use crate::broker::Routes;
 use crate::sidecar::{Sidecar, VaultPlan};
 
 /// `terok-service NAME --sidecar PATH`.
@@ -59,6 +60,16 @@ fn vault_lane(vault: &VaultPlan) -> Lane {
     }
 }
 
+/// The broker's lane: the vault's, plus the route table and every route's extra CA file
+/// (which may live anywhere the operator put it).
+fn broker_lane(vault: &VaultPlan, routes: &Routes) -> Lane {
+    let mut lane = vault_lane(vault);
+    lane.read.push(vault.routes.clone());
+    lane.read
+        .extend(routes.iter().filter_map(|r| r.ca_file.clone()));
+    lane
+}
+
 fn broker(listener: TcpListener, sidecar: &Sidecar) -> Result<(), SupervisorError> {
     let vault = sidecar
         .vault
@@ -66,10 +77,13 @@ fn broker(listener: TcpListener, sidecar: &Sidecar) -> Result<(), SupervisorErro
         .ok_or_else(|| SupervisorError::Protocol("the broker needs a vault plan".into()))?;
     // Resolve the passphrase while programs may still run and config is readable.
     let passphrase = resolve_passphrase(&vault, "requests will wait");
-    let mut lane = vault_lane(&vault);
-    lane.read.push(vault.routes.clone());
-    tracing::info!("{}", harden::confine(&lane));
-    super::broker_child::serve(listener, sidecar, &vault, passphrase)
+    let routes = Routes::load(&vault.routes).unwrap_or_else(|e| {
+        // A broken table must not crash-loop the child: every provider gets 404 until fixed.
+        tracing::error!("{e}; serving without routes");
+        Routes::empty()
+    });
+    tracing::info!("{}", harden::confine(&broker_lane(&vault, &routes)));
+    super::broker_child::serve(listener, sidecar, &vault, routes, passphrase)
         .map_err(|e| SupervisorError::Protocol(format!("broker: {e}")))
 }
 
@@ -100,4 +114,32 @@ fn agent(listener: UnixListener, sidecar: &Sidecar) -> Result<(), SupervisorErro
     });
     crate::ssh::agent::serve(listener, source)
         .map_err(|e| SupervisorError::Protocol(format!("ssh agent: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_broker_lane_reads_every_routes_ca_file() {
+        let vault = VaultPlan {
+            dir: "/v".into(),
+            db_path: "/v/credentials.db".into(),
+            sealed_file: "/v/vault.passphrase.cred".into(),
+            use_keyring: false,
+            passphrase_command: None,
+            session_runtime_dir: None,
+            routes: "/v/routes.json".into(),
+            audit_log: "/v/credential_audit.jsonl".into(),
+        };
+        let routes = Routes::from_value(&serde_json::json!({
+            "corp": {"upstream": "https://llm.corp.example", "ca_file": "/opt/corp/ca.pem"},
+            "plain": {"upstream": "https://api.example"}
+        }))
+        .unwrap();
+        let lane = broker_lane(&vault, &routes);
+        assert!(lane.read.contains(&"/opt/corp/ca.pem".into()));
+        assert!(lane.read.contains(&"/v/routes.json".into()));
+        assert_eq!(lane.write, vec![std::path::PathBuf::from("/v")]);
+    }
 }
