@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use terok_e2e::{bin, run, run_ok, stderr, stdout};
+use terok_e2e::{bin, run, run_ok, run_with_stdin, stderr, stdout};
 
 /// An isolated terok environment without podman: temp roots for state, runtime and config.
 struct Iso {
@@ -354,17 +354,10 @@ fn hook_passes_foreign_and_bad_documents_safely() {
 }
 
 fn run_hook(stage: &str, input: &[u8]) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(bin("terok-hook"))
-        .arg(stage)
-        .env_clear()
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
+    run_with_stdin(
+        Command::new(bin("terok-hook")).arg(stage).env_clear(),
+        input,
+    )
 }
 
 #[test]

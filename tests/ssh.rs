@@ -38,22 +38,7 @@ fn admin_err(env: &Env, args: &[&str]) -> String {
 }
 
 fn admin_stdin(env: &Env, args: &[&str], input: &str) -> std::process::Output {
-    let mut child = env
-        .admin()
-        .arg("ssh")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    run_with_stdin(env.admin().arg("ssh").args(args), input.as_bytes())
 }
 
 fn keys_json(env: &Env) -> Vec<Value> {

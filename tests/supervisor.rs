@@ -308,39 +308,18 @@ const REAL_KEY: &str = "sk-REAL-e2e-7d1f0c9a55b2";
 
 /// A vault with a real credential for scope `proj`, and routes to the fake upstream.
 fn broker_env(env: &Env, port: u16) {
-    let mut child = env
-        .admin()
-        .args(["credentials", "set", "proj", "anthropic"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{REAL_KEY}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdin(
+        env.admin()
+            .args(["credentials", "set", "proj", "anthropic"]),
+        format!("{REAL_KEY}\n").as_bytes(),
+    );
     assert!(out.status.success(), "credentials set: {}", stderr(&out));
     // A provider with a credential but no route: its token must get 404.
-    let mut child = env
-        .admin()
-        .args(["credentials", "set", "proj", "noroute"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"sk-other\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    let out = run_with_stdin(
+        env.admin().args(["credentials", "set", "proj", "noroute"]),
+        b"sk-other\n",
+    );
+    assert!(out.status.success(), "credentials set: {}", stderr(&out));
     std::fs::write(
         env.vault_dir().join("routes.json"),
         serde_json::json!({

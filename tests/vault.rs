@@ -4,7 +4,6 @@
 //! and in its own session (setsid: no controlling terminal), so /dev/tty is never there.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -97,20 +96,7 @@ impl VEnv {
     }
 
     fn run(&self, bin: &str, args: &[&str], stdin: &str) -> Output {
-        let mut child = self
-            .cmd(bin, args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        terok_e2e::run_with_stdin(&mut self.cmd(bin, args), stdin.as_bytes())
     }
 
     fn admin(&self, args: &[&str]) -> Output {
