@@ -284,7 +284,7 @@ fn fails_closed_with_corrupt_sidecar() {
     env.write_profile("t", &["192.0.2.10"]);
     let name = env.name("corrupt");
     let flags = env.prepare_flags(&name, &["--profiles", "t"]);
-    let sidecar = env.state_dir().join(format!("sidecar/{name}.json"));
+    let sidecar = env.sidecar(&name);
     std::fs::write(&sidecar, b"{\"version\": 1, \"container_name\": ").unwrap();
     let out = run(env
         .podman()
@@ -423,11 +423,7 @@ fn host_network_is_refused() {
         "{}",
         stderr(&out)
     );
-    assert!(
-        !env.state_dir()
-            .join(format!("sidecar/{name}.json"))
-            .exists()
-    );
+    assert!(!env.sidecar(&name).exists());
 
     let flags = env.prepare_flags(&name, &["--profiles", "t"]);
     let out = run(env.podman().arg("run").arg("--rm").args(&flags).args([
@@ -527,10 +523,8 @@ fn profile_domains_resolve_through_the_tests_own_dns_server() {
         "{}",
         stderr(&out)
     );
-    let sidecar: Value = serde_json::from_slice(
-        &std::fs::read(env.state_dir().join(format!("sidecar/{name}.json"))).unwrap(),
-    )
-    .unwrap();
+    let sidecar: Value =
+        serde_json::from_slice(&std::fs::read(env.sidecar(&name)).unwrap()).unwrap();
     assert_eq!(
         sidecar["shield"]["allow"],
         serde_json::json!([format!("{}/32", host.v4[0])])
@@ -568,12 +562,7 @@ fn sidecar_flags(env: &Env, name: &str) -> Vec<String> {
         "--name".into(),
         name.to_owned(),
         "--annotation".into(),
-        format!(
-            "terok.sandbox.sidecar={}",
-            env.state_dir()
-                .join(format!("sidecar/{name}.json"))
-                .display()
-        ),
+        format!("terok.sandbox.sidecar={}", env.sidecar(name).display()),
     ]
 }
 
